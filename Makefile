@@ -1,0 +1,36 @@
+# The two commands a new user runs: `make demo` and `make test`. Each creates .venv and installs
+# what it needs first; only Python 3.11+ is required.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := data/demo
+
+.PHONY: demo test bench clean help
+
+help:
+	@echo "make demo   build the built-in sample, convert it, and run the input pipeline on it"
+	@echo "make test   run the test suite"
+	@echo "make bench  run the benchmarks in benchmarks/"
+
+$(STAMP): setup.py
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mmearth_jax needs Python 3.11 or newer; set PYTHON=python3.X")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/mmearth-jax synth --out $(DEMO)/h5 --n 256 --size 128 --seed 0
+	$(BIN)/mmearth-jax convert --src $(DEMO)/h5 --out $(DEMO)/shards --shards 8 --workers 2
+	$(BIN)/mmearth-jax verify $(DEMO)/shards
+	$(BIN)/mmearth-jax inspect $(DEMO)/shards --batches 2 --batch 16
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/data_pipeline.py
+
+clean:
+	rm -rf $(VENV) data *.egg-info

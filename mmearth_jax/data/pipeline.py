@@ -1,0 +1,248 @@
+"""The Grain input pipeline over converted ArrayRecord shards.
+
+    ArrayRecordDataSource -> shuffle(seed) (a new permutation every epoch) -> repeat
+      -> this host's slice [process_index::process_count]
+      -> decode + random crop shared by all pixel modalities (seeded per record)
+      -> label remaps, no-data -> invalid, z-score (Sentinel-2 by the tile's S2_type)
+      -> batch (this host's share of the global batch) -> threads / worker processes
+
+Each batch is a dict of numpy arrays, all finite:
+
+    image        (B, h, w, C_in) float32   the encoder input; missing pixels are 0 (the mean)
+    targets      {modality: array}         pixel regression (B, h, w, C) float32 z-scored,
+                                           segmentation (B, h, w) int32 with -1 = missing,
+                                           image regression (B, C) float32 z-scored,
+                                           classification (B,) int32 with -1 = missing
+    valid        {modality: bool array}    where the target was measured (same shape as the
+                                           regression target; label >= 0 for classes)
+    s2_type      (B,) int32                0 = l1c, 1 = l2a
+    row          (B,) int32                row of the source HDF5 file
+
+NaN never leaves the pipeline; a band with degenerate statistics (std 0 or NaN, mean NaN, as for
+an all-missing band) is passed through unscaled instead of producing inf or NaN.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import threading
+from typing import Any, Mapping, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from array_record.python import array_record_module
+
+from mmearth_jax.data import modalities as M
+from mmearth_jax.data import records
+from mmearth_jax.data.convert import load_manifest, shard_paths
+
+
+class ShardSource(grain.sources.RandomAccessDataSource):
+  """Random access over the shards of a manifest, with a read buffer sized for whole tiles.
+
+  Grain's `ArrayRecordDataSource` reads through a fixed 32 KB buffer, made for small records; an
+  MMEarth tile is about 1 MB, so each read became dozens of system calls. Readers open lazily,
+  once per process, so the source pickles into Grain's worker processes.
+  """
+
+  def __init__(self, paths: Sequence[str], counts: Sequence[int], buffer_bytes: int = 4 << 20):
+    self._paths = list(paths)
+    self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    self._buffer = buffer_bytes
+    self._readers: list = [None] * len(self._paths)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return self._starts[-1]
+
+  def __getitem__(self, index) -> bytes:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} out of range [0, {len(self)})")
+    k = bisect.bisect_right(self._starts, index) - 1
+    reader = self._readers[k]
+    if reader is None:
+      with self._lock:
+        if self._readers[k] is None:
+          self._readers[k] = array_record_module.ArrayRecordReader(
+              self._paths[k], "readahead_buffer_size:0", file_reader_buffer_size=self._buffer)
+        reader = self._readers[k]
+    return reader.read([index - self._starts[k]])[0]
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state["_readers"] = [None] * len(self._paths)
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __repr__(self) -> str:
+    return f"ShardSource({len(self._paths)} shards, {len(self)} records)"
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The data section of a training config."""
+  c = ml_collections.ConfigDict()
+  c.path = ""  # folder written by `mmearth-jax convert`
+  c.input = "s2"  # Sentinel-2 input bands: s2 (12, no B10), rgb, s2_all, or "B4,B3,B2"
+  c.outputs = "all"  # all, s2_only, rgb_only, pixel_only, image_only, or "sentinel1,biome"
+  c.crop = 0  # crop size in pixels; 0 = the paper's (128 -> 112, 64 -> 56)
+  c.global_batch_size = 32
+  c.seed = 0
+  c.num_epochs = 0  # 0 = repeat forever
+  c.workers = 0  # worker processes (0: decode in this process with read_threads threads)
+  c.read_threads = 4  # threads when workers = 0 (decoding and numpy release the GIL)
+  c.prefetch = 8  # batches buffered ahead when workers = 0
+  return c
+
+
+def paper_crop(tile_size: int) -> int:
+  return {128: 112, 64: 56}.get(tile_size, tile_size - tile_size // 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  name: str
+  band_idx: np.ndarray | None  # stored bands to keep (regression)
+  lut: np.ndarray | None  # raw value -> class (segmentation)
+
+
+class Transform:
+  """Record bytes -> one training example (numpy). Picklable for Grain worker processes."""
+
+  def __init__(self, band_stats: Mapping[str, Any], input_bands: Sequence[str],
+               outputs: Mapping[str, Sequence[str]], crop: int):
+    self.crop = crop
+    s2 = M.MODALITIES["sentinel2"]
+    self.input_idx = np.array(s2.band_indices(input_bands))
+    self.outputs = {}
+    for name, bands in outputs.items():
+      m = M.MODALITIES[name]
+      lut = None
+      if m.task == M.SEGMENTATION:
+        lut = np.full(np.iinfo(m.dtype).max + 1, -1, np.int32)
+        for raw, cls in m.label_map.items():
+          lut[raw] = cls
+      self.outputs[name] = _Target(name, np.array(m.band_indices(bands)), lut)
+    # (mean, 1/std) per stats key, degenerate bands made harmless.
+    self.stats = {}
+    for key, st in band_stats.items():
+      if st is None:
+        continue
+      mean = np.asarray(st["mean"], np.float64)
+      std = np.asarray(st["std"], np.float64)
+      ok_std = np.isfinite(std) & (std > 0)
+      mean = np.where(np.isfinite(mean) & ok_std, mean, 0.0)
+      inv = np.where(ok_std, 1.0 / np.where(ok_std, std, 1.0), 1.0)
+      self.stats[key] = (mean.astype(np.float32), inv.astype(np.float32))
+
+  def _zscore(self, m: M.Modality, x: np.ndarray, idx: np.ndarray, s2_type: str):
+    """Selected bands of `x` (..., C) z-scored, with invalid values set to 0, and the mask."""
+    if m.unsigned_view:
+      x = x.view(m.unsigned_view)
+    x = x[..., idx]
+    if np.issubdtype(x.dtype, np.floating):
+      valid = np.isfinite(x)
+      if m.nodata is not None and np.isfinite(m.nodata):
+        valid &= x != m.nodata
+    else:
+      valid = x != m.nodata
+    key = M.stats_key_for(m, s2_type)
+    if key not in self.stats:
+      raise KeyError(f"band_stats has no key {key!r} needed for modality {m.name!r}")
+    mean, inv = self.stats[key]
+    z = x.astype(np.float32)
+    z -= mean[idx]
+    z *= inv[idx]
+    z[~valid] = 0
+    return z, valid
+
+  def __call__(self, record: bytes, rng: np.random.Generator) -> dict:
+    arrays, meta = records.decode(record)
+    return self.apply(arrays, meta, rng)
+
+  def apply(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
+            rng: np.random.Generator) -> dict:
+    """The example of one decoded tile (pixel modalities channels-last)."""
+    s2_type = meta["S2_type"]
+    if s2_type not in M.S2_TYPES:
+      raise ValueError(f"tile {meta.get('tile_id')}: unknown S2_type {s2_type!r}")
+    size = arrays["sentinel2"].shape[0]
+    top, left = rng.integers(0, size - self.crop + 1, size=2)
+    win = (slice(top, top + self.crop), slice(left, left + self.crop))
+    image, _ = self._zscore(M.MODALITIES["sentinel2"], arrays["sentinel2"][win], self.input_idx,
+                            s2_type)
+    targets, valid = {}, {}
+    for name, t in self.outputs.items():
+      m = M.MODALITIES[name]
+      x = arrays[name]
+      if m.level == M.PIXEL:
+        x = x[win]
+      if m.task == M.REGRESSION:
+        targets[name], valid[name] = self._zscore(m, x, t.band_idx, s2_type)
+      elif m.task == M.SEGMENTATION:
+        labels = t.lut[x[..., 0]]
+        targets[name], valid[name] = labels, labels >= 0
+      else:  # classification from a one-hot vector; any no-data entry makes it missing
+        label = np.int32(-1) if np.any(x == m.nodata) or not x.any() else np.int32(x.argmax())
+        targets[name], valid[name] = label, np.bool_(label >= 0)
+    return {"image": image, "targets": targets, "valid": valid,
+            "s2_type": np.int32(M.S2_TYPES.index(s2_type)), "row": np.int32(meta["row"])}
+
+
+def resolve_config(cfg: ml_collections.ConfigDict, manifest: Mapping[str, Any]):
+  """(input bands, output {modality: bands}, crop) from a data config and a manifest."""
+  input_bands = M.resolve_input(cfg.input)
+  outputs = M.resolve_outputs(cfg.outputs, input_bands)
+  stored = manifest["modalities"]
+  missing = [n for n in ["sentinel2", *outputs] if n not in stored]
+  if missing:
+    raise KeyError(f"config data.outputs needs modalities {missing} that the shards in "
+                   f"{cfg.path!r} do not store (stored: {sorted(stored)})")
+  tile = manifest["tile_size"]
+  crop = cfg.crop or paper_crop(tile)
+  if not 0 < crop <= tile:
+    raise ValueError(f"config data.crop = {crop} must be in (0, {tile}] (the tile size)")
+  return input_bands, outputs, crop
+
+
+def make_dataset(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """This host's iterator of batches for the data config `cfg` (see `default_config`)."""
+  if process_index is None or process_count is None:
+    import jax  # only for the host's place in the job
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if cfg.global_batch_size % process_count:
+    raise ValueError(f"config data.global_batch_size = {cfg.global_batch_size} is not divisible "
+                     f"by the {process_count} processes")
+  manifest = load_manifest(cfg.path)
+  input_bands, outputs, crop = resolve_config(cfg, manifest)
+  transform = Transform(manifest["band_stats"], input_bands, outputs, crop)
+  source = ShardSource(shard_paths(cfg.path, manifest),
+                       [s["num_records"] for s in manifest["shards"]])
+  ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed)
+  ds = ds.repeat(cfg.num_epochs or None)
+  if cfg.num_epochs:
+    # Whole global batches only: otherwise hosts could get different batch counts and hang.
+    ds = ds[:len(ds) // cfg.global_batch_size * cfg.global_batch_size]
+  ds = ds[process_index::process_count]
+  ds = ds.random_map(transform, seed=cfg.seed + 1)
+  ds = ds.batch(cfg.global_batch_size // process_count, drop_remainder=True)
+  if cfg.workers > 0:
+    # Worker processes are the parallelism; a thread prefetcher inside each one can make
+    # close() wait for a timeout (google/grain#1372).
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  else:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                              prefetch_buffer_size=cfg.prefetch))
+  if cfg.workers > 0:
+    from absl import flags  # Grain's workers read absl flags; a plain program never parses them.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
+  return it

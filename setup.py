@@ -1,0 +1,31 @@
+"""mmearth_jax: pretraining geospatial foundation models in JAX, from one CPU to a TPU pod."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mmearth_jax",
+    version="0.1.0",
+    description="MP-MAE, Scale-MAE, GFM and dense contrastive pretraining for Earth observation in JAX",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mmearth_jax", "mmearth_jax.*"]),
+    # A set seen working together (grain and orbax-checkpoint must be a compatible pair).
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "array-record>=0.8.6,<0.9",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "ml-collections>=1.1,<1.2",
+        "h5py>=3.16,<4",
+        "numpy>=2.0,<3",
+    ],
+    extras_require={
+        # The CPU build; a looser range pulls the newest CUDA build and several GB with it.
+        "torch": ["torch==2.13.0"],
+        "test": ["pytest>=9,<10", "portpicker>=1.6"],
+    },
+    entry_points={"console_scripts": ["mmearth-jax=mmearth_jax.cli:main"]},
+)

@@ -1,0 +1,35 @@
+"""Shared fixtures: small built-in samples and their converted shards, made once per session."""
+import os
+
+import pytest
+
+from mmearth_jax.data import convert, synth
+
+
+@pytest.fixture(scope="session")
+def sample64(tmp_path_factory):
+  """48 tiles of 64 px in the upstream layout."""
+  folder = str(tmp_path_factory.mktemp("sample64"))
+  synth.write_sample(folder, n=48, size=64, seed=0)
+  return folder
+
+
+@pytest.fixture(scope="session")
+def shards64(sample64, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("shards64"))
+  convert.convert(sample64, out, shards=3, log=lambda *a: None)
+  return out
+
+
+@pytest.fixture(scope="session")
+def sample128(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("sample128"))
+  synth.write_sample(folder, n=8, size=128, seed=1)
+  return folder
+
+
+@pytest.fixture(scope="session")
+def shards128(sample128, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("shards128"))
+  convert.convert(sample128, out, shards=2, log=lambda *a: None)
+  return out
