@@ -1,0 +1,283 @@
+"""ConvNeXt V2 (Woo et al. 2023) with FCMAE masking in dense form, and MMEarth's modified stem.
+
+Masking follows the sparse-convolution semantics of the reference pretraining code: a masked
+position is absent, so it must not influence any visible position. In dense form that means
+zeroing masked positions wherever positions mix: before and after every depthwise conv, inside
+GRN (whose spatial norm then sums visible positions only), and before each downsampling conv.
+
+Which feature positions are visible at each stage: the position whose receptive-field centre
+falls in a visible input patch. Centres are tracked exactly through every conv's kernel, stride
+and padding (`_Geometry`), so both geometries work: 112 px / 16 px patches (7x7 feature map,
+masks aligned with the downsampling grid as in FCMAE) and 56 px / 8 px patches, where MMEarth's
+unpadded 3x3 stem conv leaves a 6x6 map under a 7x7 patch grid.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmearth_jax.ops.conv import conv2d
+from mmearth_jax.ops.depthwise import depthwise_conv2d
+from mmearth_jax.models.variants import CONVNEXTV2
+
+VARIANTS = CONVNEXTV2
+
+LN_EPS = 1e-6
+# torch's nn.GELU default is the exact erf form.
+gelu = lambda x: nn.gelu(x, approximate=False)  # noqa: E731
+# Weight init of the reference: trunc_normal(std=.02) for convs and linears, zero biases.
+_init = nn.initializers.truncated_normal(0.02)
+
+
+class LayerNorm(nn.LayerNorm):
+  """LayerNorm over channels with ConvNeXt's epsilon."""
+  epsilon: float = LN_EPS
+
+
+class GRN(nn.Module):
+  """Global Response Normalisation: gamma * (x * Nx) + beta + x, Nx = Gx / mean_c(Gx).
+
+  Gx is the L2 norm over the spatial axes; masked positions must already be zero so that it
+  sums visible positions only.
+  """
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    c = x.shape[-1]
+    gamma = self.param("gamma", nn.initializers.zeros, (c,))
+    beta = self.param("beta", nn.initializers.zeros, (c,))
+    xf = x.astype(jnp.float32)
+    gx = jnp.sqrt(jnp.sum(jnp.square(xf), axis=(1, 2), keepdims=True))
+    nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + 1e-6)
+    return (gamma * (xf * nx) + beta + xf).astype(x.dtype)
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise k x k convolution, stride 1, zero padding; kernel stored (k, k, C)."""
+  kernel_size: int = 7
+  padding: int = 3
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    c = x.shape[-1]
+    k = self.kernel_size
+    kernel = self.param("kernel", _init, (k, k, c))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    return depthwise_conv2d(x, kernel.astype(x.dtype), bias.astype(x.dtype), padding=self.padding,
+                            impl=self.impl)
+
+
+class Conv(nn.Module):
+  """A 2-D convolution with `nn.Conv`'s parameters (kernel (kh, kw, Cin/groups, Cout), bias),
+  run by `ops.conv.conv2d` (matrix products on the CPU, where XLA's convolution is slow)."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  groups: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    k = self.kernel_size
+    kernel = self.param("kernel", _init, (k, k, x.shape[-1] // self.groups, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
+               padding=self.padding, groups=self.groups)
+    return y + bias.astype(self.dtype)
+
+
+def drop_path(x: jnp.ndarray, rate: float, rng: jax.Array | None) -> jnp.ndarray:
+  """Stochastic depth: drop the residual branch per sample, rescale the kept ones."""
+  if rate == 0.0 or rng is None:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0)
+
+
+class Block(nn.Module):
+  """dwconv 7x7 -> LayerNorm -> Linear(4d) -> GELU -> GRN -> Linear(d) -> drop-path -> residual."""
+  dim: int
+  drop_path: float = 0.0
+  dwconv_impl: str = "auto"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None, *,
+               train: bool = False) -> jnp.ndarray:
+    """`mask`: (N, H, W, 1), 1 = visible; None = no masking."""
+    keep = (lambda y: y * mask) if mask is not None else (lambda y: y)
+    shortcut = x
+    y = DepthwiseConv(7, 3, self.dwconv_impl, name="dwconv")(keep(x))
+    y = keep(y)
+    y = LayerNorm(dtype=self.dtype, name="norm")(y)
+    # Pointwise layers as one 2-D matmul: XLA:CPU runs a 4-D Dense 2-3x slower.
+    n, h, w, _ = y.shape
+    y = nn.Dense(4 * self.dim, dtype=self.dtype, kernel_init=_init,
+                 name="pwconv1")(y.reshape(n * h * w, self.dim))
+    y = gelu(y).reshape(n, h, w, 4 * self.dim)
+    y = keep(GRN(name="grn")(keep(y)))
+    y = nn.Dense(self.dim, dtype=self.dtype, kernel_init=_init,
+                 name="pwconv2")(y.reshape(n * h * w, 4 * self.dim)).reshape(n, h, w, self.dim)
+    rng = self.make_rng("drop_path") if train and self.drop_path > 0 else None
+    return shortcut + drop_path(y, self.drop_path, rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """Receptive-field centres of a feature map, in input pixels: centre(q) = a + b * q."""
+  a: float
+  b: float
+  size: int
+
+  def conv(self, k: int, s: int, p: int) -> "_Geometry":
+    size = (self.size + 2 * p - k) // s + 1
+    return _Geometry(self.a + self.b * (-p + (k - 1) / 2), self.b * s, size)
+
+  def patch_index(self, patch: int, grid: int) -> np.ndarray:
+    centres = self.a + self.b * np.arange(self.size)
+    return np.clip(np.floor(centres / patch).astype(int), 0, grid - 1)
+
+
+def stage_geometries(image_size: int, stem: str, patch_size: int) -> list[_Geometry]:
+  """Geometry after the stem (stage 1 input) and after each downsampling (stages 2..4)."""
+  g = _Geometry(0.5, 1.0, image_size)  # pixel q spans [q, q + 1)
+  if stem == "official":
+    g = g.conv(4, 4, 0)
+  else:
+    k = patch_size // 8
+    g = g.conv(3, 1, 0).conv(k, k, k // 2)
+  out = [g]
+  for _ in range(3):
+    g = g.conv(2, 2, 0)
+    out.append(g)
+  return out
+
+
+def stage_masks(patch_mask: jnp.ndarray, geometries: Sequence[_Geometry], patch_size: int,
+                col_geometries: Sequence[_Geometry] | None = None):
+  """Per-stage visibility (N, h, w, 1), 1 = visible, from a patch mask (N, gh, gw), 1 = masked.
+
+  `geometries` are the rows'; `col_geometries` the columns' (default: the same, square input).
+  """
+  gh, gw = patch_mask.shape[1:]
+  out = []
+  for g, gc in zip(geometries, col_geometries or geometries):
+    ih, iw = g.patch_index(patch_size, gh), gc.patch_index(patch_size, gw)
+    visible = 1.0 - patch_mask[:, ih][:, :, iw]
+    out.append(visible[..., None])
+  return out
+
+
+def upsample_patch_mask(patch_mask: jnp.ndarray, patch_size: int) -> jnp.ndarray:
+  """(N, gh, gw) patch mask -> (N, gh*p, gw*p, 1) pixel visibility (1 = visible)."""
+  m = jnp.repeat(jnp.repeat(patch_mask, patch_size, axis=1), patch_size, axis=2)
+  return (1.0 - m)[..., None]
+
+
+class ConvNeXtV2(nn.Module):
+  """ConvNeXt V2 encoder.
+
+  stem: "official" (4x4/4 conv + LayerNorm) or "mmearth" (unpadded 3x3 conv + LayerNorm + GELU,
+  then a depthwise conv with kernel = stride = patch_size/8 + LayerNorm).
+  `__call__` returns the final feature map (N, h, w, C); with `patch_mask` (N, gh, gw), 1 =
+  masked, it runs the FCMAE masked encoder and zeroes the masked positions of the output.
+  `features` returns LayerNorm(global average pool), the reference's `forward_features`;
+  `num_classes > 0` adds the classification head (`head`) applied to it.
+  """
+  depths: Sequence[int] = (2, 2, 6, 2)
+  dims: Sequence[int] = (40, 80, 160, 320)
+  stem: str = "mmearth"
+  patch_size: int = 16
+  drop_path_rate: float = 0.0
+  num_classes: int = 0
+  dwconv_impl: str = "auto"
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    d0 = self.dims[0]
+    if self.stem == "official":
+      self.stem_conv = Conv(d0, 4, 4, dtype=self.dtype)
+    elif self.stem == "mmearth":
+      if self.patch_size % 8:
+        raise ValueError(f"stem 'mmearth' needs patch_size divisible by 8, got {self.patch_size}")
+      self.initial_conv = Conv(d0, 3, dtype=self.dtype)
+      self.initial_norm = LayerNorm(dtype=self.dtype)
+      k = self.patch_size // 8
+      self.stem_conv = Conv(d0, k, k, k // 2, groups=d0, dtype=self.dtype)
+    else:
+      raise ValueError(f"unknown stem {self.stem!r}; choose 'official' or 'mmearth'")
+    self.stem_norm = LayerNorm(dtype=self.dtype)
+    self.downsample_norms = [LayerNorm(dtype=self.dtype, name=f"downsample_{i}_norm")
+                             for i in range(1, 4)]
+    self.downsample_convs = [Conv(self.dims[i], 2, 2, dtype=self.dtype, name=f"downsample_{i}_conv")
+                             for i in range(1, 4)]
+    rates = np.linspace(0, self.drop_path_rate, sum(self.depths)).tolist()
+    blocks, n = [], 0
+    for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
+      blocks.append([Block(dim, rates[n + j], self.dwconv_impl, self.dtype,
+                           name=f"stage_{i}_block_{j}") for j in range(depth)])
+      n += depth
+    self.blocks = blocks
+    self.norm = LayerNorm(dtype=self.dtype)
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, kernel_init=_init, dtype=self.dtype)
+
+  def _stem(self, x, pixel_visible=None, stem_visible=None):
+    if self.stem == "official":
+      return self.stem_norm(self.stem_conv(x))
+    x = gelu(self.initial_norm(self.initial_conv(x)))
+    if stem_visible is not None:
+      x = x * stem_visible
+    return self.stem_norm(self.stem_conv(x))
+
+  def __call__(self, x: jnp.ndarray, patch_mask: jnp.ndarray | None = None, *,
+               train: bool = False) -> jnp.ndarray:
+    x = x.astype(self.dtype)
+    masks = [None] * 4
+    stem_visible = None
+    if patch_mask is not None:
+      rows = stage_geometries(x.shape[1], self.stem, self.patch_size)
+      cols = stage_geometries(x.shape[2], self.stem, self.patch_size)
+      masks = [m.astype(self.dtype) for m in stage_masks(patch_mask, rows, self.patch_size, cols)]
+      x = x * upsample_patch_mask(patch_mask, self.patch_size)[:, :x.shape[1], :x.shape[2]].astype(self.dtype)
+      if self.stem == "mmearth":
+        g0 = [_Geometry(0.5, 1.0, n).conv(3, 1, 0) for n in x.shape[1:3]]
+        stem_visible = stage_masks(patch_mask, g0[:1], self.patch_size, g0[1:])[0].astype(self.dtype)
+    x = self._stem(x, stem_visible=stem_visible)
+    for i in range(4):
+      if i > 0:
+        x = self.downsample_norms[i - 1](x)
+        if masks[i - 1] is not None:
+          x = x * masks[i - 1]  # LayerNorm's bias made masked positions non-zero
+        x = self.downsample_convs[i - 1](x)
+      for blk in self.blocks[i]:
+        x = blk(x, masks[i], train=train)
+    if masks[3] is not None:
+      x = x * masks[3]
+    if self.is_initializing():  # create the pooled-feature norm and head parameters too
+      pooled = self.norm(jnp.mean(x, axis=(1, 2)))
+      if self.num_classes:
+        self.head(pooled)
+    return x
+
+  def features(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    """LayerNorm of the global average pool (the reference's forward_features)."""
+    return self.norm(jnp.mean(self(x, train=train), axis=(1, 2)))
+
+  def classify(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    return self.head(self.features(x, train=train))
+
+
+def convnextv2(variant: str, **kw) -> ConvNeXtV2:
+  """A named variant (atto ... huge); keyword arguments override the defaults."""
+  if variant not in VARIANTS:
+    raise KeyError(f"unknown ConvNeXt V2 variant {variant!r}; choose from {list(VARIANTS)}")
+  depths, dims = VARIANTS[variant]
+  return ConvNeXtV2(depths=depths, dims=dims, **kw)

@@ -1,0 +1,139 @@
+"""ConvNeXt V2: variants, parameter counts, FCMAE masking semantics, both stems and geometries."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmearth_jax.models import convnextv2 as cx
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _init(model, size, bands=12, mask_grid=None):
+  x = jnp.zeros((1, size, size, bands))
+  mask = None if mask_grid is None else jnp.zeros((1, mask_grid, mask_grid))
+  return model.init(jax.random.key(0), x, mask)["params"]
+
+
+def _randomise(params, seed=1, scale=0.2):
+  """Non-zero GRN gamma/beta and biases, so every masking point matters."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [l + scale * jax.random.normal(k, l.shape)
+                                   for l, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("variant,stem,want", [
+    ("atto", "mmearth", 3.39e6), ("tiny", "mmearth", 27.9e6)])
+def test_parameter_counts_match_the_reference(variant, stem, want):
+  model = cx.convnextv2(variant, stem=stem, patch_size=16)
+  params = jax.eval_shape(lambda: _init(model, 112))
+  n = _count(params)
+  assert abs(n - want) / want < 0.005, n
+
+
+def test_all_variants_build_with_exact_depths_and_dims():
+  for name, (depths, dims) in cx.VARIANTS.items():
+    model = cx.convnextv2(name, stem="official")
+    params = jax.eval_shape(lambda: _init(model, 64, bands=3))
+    for i, depth in enumerate(depths):
+      blocks = [k for k in params if k.startswith(f"stage_{i}_block_")]
+      assert len(blocks) == depth
+      assert params[blocks[0]]["dwconv"]["kernel"].shape == (7, 7, dims[i])
+      assert params[blocks[0]]["pwconv1"]["kernel"].shape == (dims[i], 4 * dims[i])
+  assert cx.VARIANTS["huge"] == ((3, 3, 27, 3), (352, 704, 1408, 2816))
+
+
+@pytest.mark.parametrize("size,patch,sizes", [(112, 16, [56, 28, 14, 7]), (56, 8, [54, 27, 13, 6])])
+def test_feature_map_sizes_of_the_mmearth_stem(size, patch, sizes):
+  geoms = cx.stage_geometries(size, "mmearth", patch)
+  assert [g.size for g in geoms] == sizes
+  model = cx.convnextv2("atto", stem="mmearth", patch_size=patch)
+  out = jax.eval_shape(lambda: model.apply({"params": _init(model, size)},
+                                           jnp.zeros((1, size, size, 12))))
+  assert out.shape == (1, sizes[-1], sizes[-1], 320)
+
+
+def test_mask_geometry_112_16_is_fcmae_upsampling():
+  rng = np.random.default_rng(0)
+  pm = jnp.asarray(rng.random((2, 7, 7)) < 0.6, jnp.float32)
+  masks = cx.stage_masks(pm, cx.stage_geometries(112, "mmearth", 16), 16)
+  for m, scale in zip(masks, (8, 4, 2, 1)):
+    want = 1 - jnp.repeat(jnp.repeat(pm, scale, 1), scale, 2)
+    np.testing.assert_array_equal(m[..., 0], want)
+
+
+def test_mask_geometry_56_8_maps_the_7x7_grid_onto_6x6():
+  rng = np.random.default_rng(1)
+  pm = jnp.asarray(rng.random((2, 7, 7)) < 0.6, jnp.float32)
+  masks = cx.stage_masks(pm, cx.stage_geometries(56, "mmearth", 8), 8)
+  assert [m.shape[1] for m in masks] == [54, 27, 13, 6]
+  # The final position p is centred in patch p: the 6x6 map is the grid's first 6 rows/columns.
+  np.testing.assert_array_equal(masks[3][..., 0], 1 - pm[:, :6, :6])
+  # Stage 1: cell c of the unpadded conv is centred on pixel c + 1.
+  idx = (np.arange(54) + 1) // 8
+  np.testing.assert_array_equal(masks[0][..., 0], 1 - pm[:, idx][:, :, idx])
+
+
+@pytest.mark.parametrize("stem,size,patch,grid", [
+    ("mmearth", 112, 16, 7), ("mmearth", 56, 8, 7), ("official", 64, 32, 2)])
+def test_masked_pixels_cannot_change_visible_outputs(stem, size, patch, grid):
+  model = cx.ConvNeXtV2(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), stem=stem, patch_size=patch)
+  params = _randomise(_init(model, size, bands=4, mask_grid=grid))
+  rng = np.random.default_rng(2)
+  pm = np.zeros((2, grid, grid), np.float32)
+  pm[0, 0, 1] = pm[0, 1, 0] = pm[1, grid - 1, grid - 1] = pm[1, 0, 0] = 1
+  pm = jnp.asarray(pm)
+  x1 = jnp.asarray(rng.standard_normal((2, size, size, 4)), jnp.float32)
+  pixel_masked = 1 - cx.upsample_patch_mask(pm, patch)[:, :size, :size]
+  x2 = x1 + pixel_masked * 5.0 * jnp.asarray(rng.standard_normal(x1.shape), jnp.float32)
+  apply = jax.jit(model.apply)
+  y1 = apply({"params": params}, x1, pm)
+  y2 = apply({"params": params}, x2, pm)
+  geoms = cx.stage_geometries(size, stem, patch)
+  visible = cx.stage_masks(pm, geoms, patch)[3][..., 0] > 0
+  assert visible.any() and (~visible).any()
+  np.testing.assert_allclose(np.asarray(y1)[visible], np.asarray(y2)[visible], rtol=1e-5, atol=1e-5)
+  # Without the mask the same change does reach the visible outputs (the test can fail).
+  z1 = apply({"params": params}, x1)
+  z2 = apply({"params": params}, x2)
+  assert np.abs(np.asarray(z1 - z2)[visible]).max() > 1e-3
+
+
+def test_grn_norm_only_counts_visible_positions():
+  """Masking inside GRN matters: a model that skips it would leak through the global norm."""
+  grn = cx.GRN()
+  x = jnp.zeros((1, 4, 4, 3)).at[0, 0, 0].set(1.0).at[0, 3, 3].set(jnp.array([2.0, 0.0, 1.0]))
+  params = {"gamma": jnp.ones(3), "beta": jnp.zeros(3)}
+  y = grn.apply({"params": params}, x)
+  gx = np.sqrt(np.array([1 + 4, 1, 1 + 1]))
+  nx = gx / (gx.mean() + 1e-6)
+  np.testing.assert_allclose(y[0, 0, 0], np.ones(3) * nx + 1, rtol=1e-6)
+
+
+def test_drop_path_and_classification_head():
+  model = cx.convnextv2("atto", stem="official", drop_path_rate=0.5, num_classes=10)
+  x = jnp.ones((4, 32, 32, 3))
+  params = jax.jit(model.init)(jax.random.key(0), x)["params"]
+  assert params["head"]["kernel"].shape == (320, 10) and params["norm"]["scale"].shape == (320,)
+  logits = jax.jit(lambda p: model.apply({"params": p}, x, method=model.classify))(params)
+  assert logits.shape == (4, 10)
+  train = jax.jit(lambda p, k: model.apply({"params": p}, x, train=True, rngs={"drop_path": k}))
+  a, b = train(params, jax.random.key(1)), train(params, jax.random.key(2))
+  c = jax.jit(lambda p: model.apply({"params": p}, x))(params)
+  assert not np.allclose(a, b) and np.isfinite(np.asarray(a)).all()
+  np.testing.assert_allclose(c, jax.jit(lambda p: model.apply({"params": p}, x))(params), rtol=0)
+  feats = jax.jit(lambda p: model.apply({"params": p}, x, method=model.features))(params)
+  assert feats.shape == (4, 320)
+
+
+def test_masked_path_works_for_non_square_inputs():
+  model = cx.ConvNeXtV2(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem="mmearth", patch_size=16)
+  x = jnp.ones((1, 112, 64, 3))
+  pm = jnp.zeros((1, 7, 4)).at[0, 2, 1].set(1)
+  params = jax.jit(model.init)(jax.random.key(0), x, pm)
+  y = jax.jit(model.apply)(params, x, pm)
+  assert y.shape == (1, 7, 4, 32)
+  assert float(jnp.abs(y[0, 2, 1]).max()) == 0.0 and float(jnp.abs(y[0, 2, 2]).max()) > 0
