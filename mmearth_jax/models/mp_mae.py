@@ -95,6 +95,3 @@ class MPMAE(nn.Module):
           pooled = jnp.mean(self.image_norm(x), axis=(1, 2))
         preds[name] = head(pooled).astype(jnp.float32)
     return preds
-
-  def loss_log_vars(self) -> jnp.ndarray:
-    return self.log_vars
