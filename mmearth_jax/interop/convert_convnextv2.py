@@ -28,6 +28,7 @@ import torch
 from mmearth_jax.data import modalities as M
 from mmearth_jax.interop.torch_convnextv2 import head_width
 from mmearth_jax.interop.trees import flatten as _flatten, unflatten as _unflatten
+from mmearth_jax.interop.trees import to_numpy as _to_numpy, to_torch as _to_torch
 
 LAYOUTS = ("official", "mmearth")
 
@@ -175,21 +176,6 @@ def _fail(what: str, problems: Sequence[str]):
   if problems:
     lines = "\n  ".join(problems)
     raise ValueError(f"{what}: {len(problems)} problem(s):\n  {lines}")
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-  if isinstance(x, torch.Tensor):
-    x = x.detach().cpu()
-    if x.dtype == torch.bfloat16:  # numpy has no bfloat16; the round trip is exact
-      return np.asarray(jnp.asarray(x.float().numpy(), jnp.bfloat16))
-    return x.numpy()
-  return np.asarray(x)
-
-
-def _to_torch(a: np.ndarray) -> torch.Tensor:
-  if a.dtype.name == "bfloat16":
-    return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
-  return torch.from_numpy(np.array(a, order="C"))  # a contiguous copy, not a view of Flax's
 
 
 def _path(p: tuple) -> str:

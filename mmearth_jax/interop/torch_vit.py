@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 from mmearth_jax.interop.trees import flatten as _flatten, unflatten as _unflatten
+from mmearth_jax.interop.trees import to_numpy as _to_numpy, to_torch as _to_torch
 
 LN_EPS = 1e-6
 
@@ -224,21 +225,6 @@ class TorchMAE(TorchViT):
 
 _TOKENS = ("cls_token", "mask_token")
 _POS = ("pos_embed", "decoder_pos_embed")
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-  if isinstance(x, torch.Tensor):
-    x = x.detach().cpu()
-    if x.dtype == torch.bfloat16:  # numpy has no bfloat16; via float32 is exact
-      return np.asarray(jnp.asarray(x.float().numpy(), jnp.bfloat16))
-    return x.numpy()
-  return np.asarray(x)
-
-
-def _to_torch(a: np.ndarray) -> torch.Tensor:
-  if a.dtype.name == "bfloat16":
-    return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
-  return torch.from_numpy(np.array(a, order="C"))  # an owned contiguous copy
 
 
 def _torch_module(name: str) -> str:
