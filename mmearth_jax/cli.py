@@ -60,6 +60,21 @@ def _inspect(args) -> int:
   return 0
 
 
+def _train(args) -> int:
+  from mmearth_jax import config_lib
+  from mmearth_jax.parallel import distributed
+  # Before anything touches a JAX backend.
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  config = config_lib.load(args.config, args.overrides)
+  from mmearth_jax import train
+  try:
+    train.train(config, args.workdir)
+  except train.TrainingError as e:
+    print(f"mmearth-jax train: error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mmearth-jax", description="Pretrain geospatial foundation "
                               "models in JAX: data preparation, training and evaluation.")
@@ -107,14 +122,44 @@ def build_parser() -> argparse.ArgumentParser:
   i.add_argument("--outputs", default="all",
                  help="outputs preset: all, s2_only, rgb_only, pixel_only, image_only (default all)")
   i.set_defaults(func=_inspect)
+
+  t = sub.add_parser("train", help="pretrain a model from a config (one CPU to a TPU pod)",
+                     description="Train, or resume from the newest readable checkpoint in "
+                     "--workdir. Override any config field with --config.<key>=<value>, e.g. "
+                     "--config.data.path=/data/shards --config.mesh.fsdp=8. The same command "
+                     "runs on every host of a multi-host job.")
+  t.add_argument("--config", required=True,
+                 help="config file and variant, e.g. configs/mp_mae.py:atto (see its docstring)")
+  t.add_argument("--workdir", required=True,
+                 help="folder for checkpoints, metrics.jsonl, TensorBoard files and config.json")
+  t.add_argument("--coordinator", default=None,
+                 help="HOST:PORT of process 0 for an explicit multi-process launch "
+                 "(or MMEARTH_COORDINATOR); TPU pods and SLURM are detected without it")
+  t.add_argument("--num-processes", type=int, default=None,
+                 help="number of processes of an explicit launch (or MMEARTH_NUM_PROCESSES)")
+  t.add_argument("--process-id", type=int, default=None,
+                 help="this process's index in an explicit launch (or MMEARTH_PROCESS_ID)")
+  t.set_defaults(func=_train)
   return p
 
 
 def main(argv=None) -> int:
+  from mmearth_jax.config_lib import ConfigError, split_overrides
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    argv, overrides = split_overrides(argv)
+  except ConfigError as e:
+    print(f"mmearth-jax: error: {e}", file=sys.stderr)
+    return 2
   args = build_parser().parse_args(argv)
+  if overrides and args.command != "train":
+    print(f"mmearth-jax {args.command}: error: --config.* overrides belong to `train`",
+          file=sys.stderr)
+    return 2
+  args.overrides = overrides
   try:
     return args.func(args)
-  except (convert_lib.ConversionError, ValueError, KeyError, FileNotFoundError) as e:
+  except (convert_lib.ConversionError, ConfigError, ValueError, KeyError, FileNotFoundError) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"mmearth-jax {args.command}: error: {msg}", file=sys.stderr)
     return 2

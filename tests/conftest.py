@@ -1,9 +1,16 @@
 """Shared fixtures: small built-in samples and their converted shards, made once per session."""
 import os
+import re
 
-import pytest
+# Before jax is imported anywhere: 8 simulated CPU devices, so sharding runs on a real mesh.
+os.environ["XLA_FLAGS"] = (re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                  os.environ.get("XLA_FLAGS", "")) +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from mmearth_jax.data import convert, synth
+import pytest  # noqa: E402
+
+from mmearth_jax.data import convert, synth  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -230,9 +230,11 @@ def make_dataset(cfg: ml_collections.ConfigDict, *, process_index: int | None = 
   if cfg.num_epochs:
     # Whole global batches only: otherwise hosts could get different batch counts and hang.
     ds = ds[:len(ds) // cfg.global_batch_size * cfg.global_batch_size]
-  ds = ds[process_index::process_count]
+  # Crops are drawn from the global position of each example, and each global batch is the
+  # hosts' slices in host order: any process count sees the same global batches.
   ds = ds.random_map(transform, seed=cfg.seed + 1)
   ds = ds.batch(cfg.global_batch_size // process_count, drop_remainder=True)
+  ds = ds[process_index::process_count]
   if cfg.workers > 0:
     # Worker processes are the parallelism; a thread prefetcher inside each one can make
     # close() wait for a timeout (google/grain#1372).

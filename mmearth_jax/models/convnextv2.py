@@ -109,7 +109,7 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None, *,
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None,
                train: bool = False) -> jnp.ndarray:
     """`mask`: (N, H, W, 1), 1 = visible; None = no masking."""
     keep = (lambda y: y * mask) if mask is not None else (lambda y: y)
@@ -181,6 +181,11 @@ def upsample_patch_mask(patch_mask: jnp.ndarray, patch_size: int) -> jnp.ndarray
   return (1.0 - m)[..., None]
 
 
+def remat_block(block: type[nn.Module]) -> type[nn.Module]:
+  """`block` with its activations recomputed in the backward pass; `train` (arg 3) static."""
+  return nn.remat(block, static_argnums=(3,))
+
+
 class ConvNeXtV2(nn.Module):
   """ConvNeXt V2 encoder.
 
@@ -199,6 +204,7 @@ class ConvNeXtV2(nn.Module):
   num_classes: int = 0
   dwconv_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
 
   def setup(self):
     d0 = self.dims[0]
@@ -219,9 +225,10 @@ class ConvNeXtV2(nn.Module):
     self.downsample_convs = [Conv(self.dims[i], 2, 2, dtype=self.dtype, name=f"downsample_{i}_conv")
                              for i in range(1, 4)]
     rates = np.linspace(0, self.drop_path_rate, sum(self.depths)).tolist()
+    block = remat_block(Block) if self.remat else Block
     blocks, n = [], 0
     for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
-      blocks.append([Block(dim, rates[n + j], self.dwconv_impl, self.dtype,
+      blocks.append([block(dim, rates[n + j], self.dwconv_impl, self.dtype,
                            name=f"stage_{i}_block_{j}") for j in range(depth)])
       n += depth
     self.blocks = blocks
@@ -258,7 +265,7 @@ class ConvNeXtV2(nn.Module):
           x = x * masks[i - 1]  # LayerNorm's bias made masked positions non-zero
         x = self.downsample_convs[i - 1](x)
       for blk in self.blocks[i]:
-        x = blk(x, masks[i], train=train)
+        x = blk(x, masks[i], train)
     if masks[3] is not None:
       x = x * masks[3]
     if self.is_initializing():  # create the pooled-feature norm and head parameters too

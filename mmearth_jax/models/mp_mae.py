@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mmearth_jax.data import modalities as M
-from mmearth_jax.models.convnextv2 import VARIANTS, Block, ConvNeXtV2, LayerNorm, _init
+from mmearth_jax.models.convnextv2 import VARIANTS, Block, ConvNeXtV2, LayerNorm, _init, remat_block
 
 
 def head_channels(name: str, bands: Sequence[str]) -> int:
@@ -49,21 +49,23 @@ class MPMAE(nn.Module):
   drop_path_rate: float = 0.0
   dwconv_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   def setup(self):
     depths, dims = VARIANTS[self.variant]
     depths, dims = self.depths or depths, self.dims or dims
     self.encoder = ConvNeXtV2(depths, dims, self.stem, self.patch_size, self.drop_path_rate,
-                              dwconv_impl=self.dwconv_impl, dtype=self.dtype)
+                              dwconv_impl=self.dwconv_impl, dtype=self.dtype, remat=self.remat)
     self.proj = nn.Dense(self.decoder_dim, kernel_init=_init, dtype=self.dtype)
     self.mask_token = self.param("mask_token", nn.initializers.zeros, (self.decoder_dim,))
-    self.decoder = Block(self.decoder_dim, 0.0, self.dwconv_impl, self.dtype)
+    block = remat_block(Block) if self.remat else Block
+    self.decoder = block(self.decoder_dim, 0.0, self.dwconv_impl, self.dtype)
     names = list(self.outputs)
     self.image_norm = LayerNorm(dtype=self.dtype)  # the reference's layer_norm_tmp
     p2 = self.patch_size ** 2
     self.heads = {n: nn.Dense((p2 if M.get(n).level == M.PIXEL else 1) *
                               head_channels(n, self.outputs[n]), kernel_init=_init,
-                              name=f"head_{n}") for n in names}
+                              dtype=self.dtype, name=f"head_{n}") for n in names}
     # One learnable log-variance per output modality (uncertainty weighting), start at 0.
     self.log_vars = self.param("log_vars", nn.initializers.zeros, (len(names),))
 
@@ -83,7 +85,7 @@ class MPMAE(nn.Module):
                      constant_values=1)
     m = jnp.maximum(patch_mask.astype(x.dtype), unseen)[..., None]
     x = x * (1 - m) + self.mask_token.astype(x.dtype) * m
-    x = self.decoder(x)  # once, shared by every head
+    x = self.decoder(x, None, train)  # once, shared by every head
     preds = {}
     pooled = None
     for name, head in self.heads.items():

@@ -165,13 +165,18 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     d = x.shape[-1]
     drop = DropPath(self.drop_path)
     y = Attention(self.num_heads, self.dtype, name="attn")(_layer_norm("norm1", self.dtype)(x))
     x = x + drop(y, deterministic=not train)
     y = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(_layer_norm("norm2", self.dtype)(x))
     return x + drop(y, deterministic=not train)
+
+
+def _block(remat: bool) -> type[nn.Module]:
+  """Block, or Block whose activations are recomputed in the backward pass (`train` static)."""
+  return nn.remat(Block, static_argnums=(2,)) if remat else Block
 
 
 class ViT(nn.Module):
@@ -188,6 +193,7 @@ class ViT(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   token_impl: str = "auto"  # gather implementation, see ops.masked_tokens
+  remat: bool = False  # recompute block activations in the backward pass (saves memory)
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, ids_keep: jnp.ndarray | None = None,
@@ -218,8 +224,8 @@ class ViT(nn.Module):
 
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
-                name=f"blocks_{i}")(x, train=train)
+      x = _block(self.remat)(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
+                             name=f"blocks_{i}")(x, train)
     return _layer_norm("norm", self.dtype)(x)
 
 
@@ -242,6 +248,7 @@ class MAE(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   token_impl: str = "auto"
+  remat: bool = False
 
   def keep_count(self, length: int) -> int:
     """Number of patch tokens the encoder sees out of `length`."""
@@ -259,7 +266,7 @@ class MAE(nn.Module):
                                       self.keep_count(length))
 
     latent = ViT(self.patch_size, self.embed_dim, self.depth, self.num_heads, self.mlp_ratio,
-                 self.drop_path_rate, self.dtype, self.token_impl, name="encoder")(
+                 self.drop_path_rate, self.dtype, self.token_impl, self.remat, name="encoder")(
                      images, ids_keep=ids_keep, train=train)
 
     dd = self.decoder_embed_dim
@@ -271,8 +278,8 @@ class MAE(nn.Module):
     x = jnp.concatenate([x[:, :1], tokens], axis=1)
     x = x + sincos_2d(dd, gh, gw, cls_token=True).astype(self.dtype)
     for i in range(self.decoder_depth):
-      x = Block(self.decoder_num_heads, self.mlp_ratio, 0.0, self.dtype,
-                name=f"decoder_blocks_{i}")(x, train=train)
+      x = _block(self.remat)(self.decoder_num_heads, self.mlp_ratio, 0.0, self.dtype,
+                             name=f"decoder_blocks_{i}")(x, train)
     x = _layer_norm("decoder_norm", self.dtype)(x)
     pred = _dense(self.patch_size ** 2 * c, "decoder_pred", self.dtype)(x)
     return pred[:, 1:], patch_mask(ids_keep, length)

@@ -1,0 +1,1 @@
+"""Device mesh, sharding rules and the multi-process runtime."""

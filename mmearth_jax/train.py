@@ -1,0 +1,363 @@
+"""The training loop, read top to bottom: mesh -> data -> model and objective -> sharded state
+-> jitted step -> loop with metrics, checkpoints and preemption.
+
+The same code runs on one CPU, a multi-GPU SLURM job or a TPU pod: each process feeds its slice
+of the global batch, and `jax.jit` with named shardings does the rest. Per-step randomness is
+`fold_in(rng, step)`, and the Grain iterator position is checkpointed beside the state, so a
+resumed run repeats the uninterrupted run's steps exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mmearth_jax import checkpoint as ckpt_lib
+from mmearth_jax import metrics as metrics_lib
+from mmearth_jax import optim
+from mmearth_jax.data import convert, pipeline
+from mmearth_jax.data import modalities as M
+from mmearth_jax.models.mp_mae import MPMAE
+from mmearth_jax.objectives.mp_mae import mp_mae_loss
+from mmearth_jax.parallel import mesh as mesh_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Sections every training config has; a config file fills in method, model and objective."""
+  c = ml_collections.ConfigDict()
+  c.method = "mp_mae"
+  c.seed = 0  # parameter init and per-step randomness (masks, drop-path)
+  c.data = pipeline.default_config()
+  c.optimizer = optim.default_config()
+  c.mesh = mesh_lib.default_config()
+  c.train = ml_collections.ConfigDict()
+  c.train.num_epochs = 1.0  # passes over the training shards (the paper's epochs)
+  c.train.num_steps = 0  # > 0: this many batches instead of num_epochs
+  c.train.warmup_epochs = 0.0  # > 0: warmup length in epochs, else optimizer.warmup_steps
+  c.train.log_every = 50
+  c.train.progress = "auto"  # progress bar: auto (when a terminal), on, off
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.use_async = True
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: model, parameter init and loss from the config.
+
+
+@dataclasses.dataclass
+class Task:
+  """What the loop needs from a method."""
+  init: Callable[[jax.Array, Mapping[str, Any]], Any]  # (rng, batch) -> params
+  loss: Callable[[Any, Mapping[str, Any], jax.Array], tuple[jax.Array, dict]]
+  layer_id: Callable[[tuple[str, ...]], int] | None
+  num_layers: int
+
+
+def mp_mae_task(config: ml_collections.ConfigDict, outputs: Mapping[str, Any]) -> Task:
+  c = config.model
+  model = MPMAE(outputs=dict(outputs), variant=c.variant, depths=tuple(c.depths) or None,
+                dims=tuple(c.dims) or None, stem=c.stem, patch_size=c.patch_size,
+                decoder_dim=c.decoder_dim, drop_path_rate=c.drop_path_rate,
+                dtype=DTYPES[c.dtype], remat=c.remat)
+  o = config.objective
+  names = list(outputs)
+
+  def init(rng, batch):
+    images = jnp.zeros((1, *batch["image"].shape[1:]), jnp.float32)
+    grid = images.shape[1] // c.patch_size
+    return model.init(rng, images, jnp.zeros((1, grid, grid)))["params"]
+
+  def loss(params, batch, rng):
+    total, losses = mp_mae_loss(model, params, batch, rng, mask_ratio=o.mask_ratio,
+                                norm_pix=o.norm_pix, aggregation=o.aggregation, train=True,
+                                valid_pixels=o.valid_pixels)
+    aux = {f"loss/{k}": v for k, v in losses.items()}
+    if o.aggregation == "uncertainty":  # the learned weight exp(-s) of each modality's loss
+      aux.update({f"weight/{k}": jnp.exp(-params["log_vars"][i]) for i, k in enumerate(names)})
+    return total, aux
+
+  return Task(init, loss, lambda path: optim.convnextv2_layer_id(path), 12)
+
+
+TASKS = {"mp_mae": mp_mae_task}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded state and the jitted step.
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  if config.method not in TASKS:
+    raise TrainingError(f"config method = {config.method!r}; choose from {sorted(TASKS)}")
+  if config.model.dtype not in DTYPES:
+    raise TrainingError(f"config model.dtype = {config.model.dtype!r}; choose from {list(DTYPES)}")
+  if config.train.num_steps <= 0 and config.train.num_epochs <= 0:
+    raise TrainingError("config train.num_steps or train.num_epochs must be > 0")
+  if config.train.log_every <= 0:
+    raise TrainingError("config train.log_every must be > 0")
+
+
+def state_shardings(abstract_state: Mapping[str, Any], tx: optax.GradientTransformation,
+                    mesh, rules, min_size: int) -> dict:
+  """NamedShardings for {step, params, opt_state, rng}: params by the rules, optimizer moments
+  like their parameters, everything else replicated."""
+  pspecs = mesh_lib.param_specs(abstract_state["params"], mesh, rules, min_size)
+  ospecs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_state["opt_state"], pspecs,
+                                 transform_non_params=lambda _: P(),
+                                 is_leaf=lambda x: isinstance(x, P))
+  specs = {"step": P(), "params": pspecs, "opt_state": ospecs, "rng": P()}
+  return mesh_lib.to_shardings(specs, mesh)
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    accum: int) -> Callable:
+  """(state, batch) -> (state, metrics). A step with a non-finite loss or gradient leaves the
+  state unchanged and reports finite = 0, so the state never holds NaNs."""
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(state["params"], batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+           "rng": state["rng"]}
+    keep_old = {**state, "step": state["step"] + 1}
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, keep_old)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"] // accum),
+               "finite": finite.astype(jnp.float32), **aux}
+    return new, metrics
+
+  return train_step
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Preemption:
+  """SIGTERM sets a flag the loop polls; every process learns of it at the same step."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, nothing to restore
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.flag = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    flags = multihost_utils.process_allgather(np.int32(self.flag))
+    return bool(np.any(flags))
+
+
+def _device_batch(batch: Mapping[str, Any]) -> dict:
+  """What the step needs; host-only fields (row ids, S2 type) stay on the host."""
+  return {k: batch[k] for k in ("image", "targets", "valid")}
+
+
+def _progress_bar(mode: str, total: int, initial: int):
+  if mode == "off" or (mode == "auto" and not sys.stderr.isatty()) or jax.process_index():
+    return None
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          log: Callable[[str], None] | None = None) -> dict:
+  """Trains (or resumes) in `workdir`; returns the last logged metrics."""
+  _check_config(config)
+  is_main = jax.process_index() == 0
+  log = log or (lambda msg: print(msg, flush=True) if is_main else None)
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # Mesh and data.
+  mesh = mesh_lib.make_mesh(config.mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  replicas = mesh.shape["data"] * mesh.shape["fsdp"]
+  gbs = config.data.global_batch_size
+  if gbs % replicas:
+    raise TrainingError(f"config data.global_batch_size = {gbs} is not divisible by the "
+                        f"mesh's data x fsdp = {replicas} devices")
+  manifest = convert.load_manifest(config.data.path)
+  data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+  data_cfg.num_epochs = 0  # the loop decides when to stop; the pipeline repeats
+  data_iter = iter(pipeline.make_dataset(data_cfg))
+  input_bands, outputs, _ = pipeline.resolve_config(config.data, manifest)
+
+  steps_per_epoch = max(manifest["num_records"] // gbs, 1)
+  total = config.train.num_steps or int(round(config.train.num_epochs * steps_per_epoch))
+  accum = config.optimizer.grad_accum_steps
+  opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
+  if config.train.warmup_epochs > 0:
+    opt_cfg.warmup_steps = int(round(config.train.warmup_epochs * steps_per_epoch)) // accum
+
+  if opt_cfg.warmup_steps >= max(total // accum, 1):
+    raise TrainingError(f"the warmup ({opt_cfg.warmup_steps} optimizer steps, from "
+                        "optimizer.warmup_steps or train.warmup_epochs) must be shorter than "
+                        f"the run ({max(total // accum, 1)} optimizer steps)")
+
+  # Model, optimizer and the sharded state.
+  task = TASKS[config.method](config, outputs)
+  fresh = data_iter.get_state()
+  first = next(data_iter)  # shapes for init; then rewound (or moved by the restore)
+  data_iter.set_state(fresh)
+  abstract_params = jax.eval_shape(task.init, jax.random.key(0), first)
+  tx, schedule = optim.make_optimizer(opt_cfg, abstract_params, global_batch=gbs * accum,
+                                      total_steps=max(total // accum, 1),
+                                      layer_id=task.layer_id, num_layers=task.num_layers)
+
+  def init_state(rng):
+    params = task.init(rng, first)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+
+  abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
+  shardings = state_shardings(abstract_state, tx, mesh, config.mesh.rules,
+                              config.mesh.fsdp_min_size)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, shardings)
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       every_steps=config.checkpoint.every_steps,
+                                       keep=config.checkpoint.keep,
+                                       use_async=config.checkpoint.use_async, log=log)
+  state = checkpointer.restore(abstract_state, data_iter)
+  if state is None:
+    state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(config.seed))
+    log(f"initialised {_count(state['params']):,} parameters; training {total} steps")
+  else:
+    log(f"resumed from {checkpointer.directory}/{int(state['step'])}")
+  start = int(state["step"])
+
+  # The step, compiled ahead of time (surfaces out-of-memory before the loop starts).
+  abstract_batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((gbs, *x.shape[1:]), x.dtype, sharding=batch_sharding),
+      _device_batch(first))
+  step_fn = jax.jit(make_train_step(task, tx, schedule, accum),
+                    in_shardings=(shardings, batch_sharding),
+                    out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  compiled = step_fn.lower(abstract_state, abstract_batch).compile()
+  flops = _flops(compiled)
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+  log(f"mesh {dict(mesh.shape)}, global batch {gbs}, {flops / gbs / 1e9:.2f} GFLOP per image "
+      f"(compiled step); workdir {os.path.abspath(workdir)}")
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  bar = _progress_bar(config.train.progress, total, start)
+  last: dict = {}
+  pending = None  # previous step's metrics: read one step late so the device stays busy
+  t0, n0 = time.perf_counter(), start
+  try:
+    with _Preemption() as preemption:
+      for step in range(start, total):
+        batch = mesh_lib.global_batch(_device_batch(next(data_iter)), batch_sharding)
+        state, metrics = compiled(state, batch)
+        if pending is not None:
+          _stop_if_not_finite(*pending, checkpointer)
+        pending = (step + 1, metrics)
+        done = step + 1
+        if bar is not None:
+          bar.update(1)
+        if done % config.train.log_every == 0 or done == total:
+          _stop_if_not_finite(*pending, checkpointer)
+          host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+          dt = time.perf_counter() - t0
+          host["step_time_s"] = dt / (done - n0)
+          host["images_per_s"] = gbs * (done - n0) / dt
+          host["gflops_per_step"] = flops / 1e9
+          if peak:
+            host["mfu"] = flops / host["step_time_s"] / (peak * jax.device_count())
+          writer.write(done, host)
+          last = {"step": done, **host}
+          if bar is not None:
+            bar.set_postfix(loss=f"{host['loss']:.4f}")
+          else:
+            log(f"step {done}/{total} loss {host['loss']:.4f} lr {host['lr']:.3g} "
+                f"{host['images_per_s']:.1f} img/s")
+          t0, n0 = time.perf_counter(), done
+        if checkpointer.due(done) or done == total:
+          _stop_if_not_finite(*pending, checkpointer)
+          checkpointer.save(done, state, data_iter)
+        if preemption.requested():
+          _stop_if_not_finite(*pending, checkpointer)
+          if checkpointer.latest_step() != done:
+            checkpointer.save(done, state, data_iter)
+          checkpointer.wait()
+          log(f"preempted (SIGTERM): saved step {done} in {checkpointer.directory}")
+          return {**last, "preempted": True, "step": done}
+  finally:
+    if bar is not None:
+      bar.close()
+    checkpointer.wait()  # an async save in flight must land before exit
+    checkpointer.close()
+    writer.close()
+  log(f"done: {total} steps; checkpoints in {checkpointer.directory}, metrics in "
+      f"{os.path.join(os.path.abspath(workdir), 'metrics.jsonl')} and "
+      f"{os.path.join(os.path.abspath(workdir), 'tb')}")
+  return last
+
+
+def _stop_if_not_finite(step: int, metrics: Mapping[str, Any], checkpointer) -> None:
+  if float(metrics["finite"]) > 0:
+    return
+  checkpointer.wait()
+  good = checkpointer.latest_step()
+  where = (f"the last good checkpoint is {checkpointer.directory}/{good}" if good is not None
+           else "no checkpoint was saved yet")
+  raise TrainingError(f"non-finite loss at step {step} (loss = {float(metrics['loss'])}, "
+                      f"grad norm = {float(metrics['grad_norm'])}); stopping. The update was "
+                      f"not applied; {where}. Lower optimizer.base_lr or check the data.")
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _flops(compiled) -> float:
+  """FLOPs of one step from XLA's cost analysis of the compiled executable (whole mesh)."""
+  try:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0]
+    return float(cost.get("flops", 0.0)) * jax.device_count() if cost else 0.0
+  except Exception:  # noqa: BLE001 - some backends report no cost analysis
+    return 0.0
