@@ -9,7 +9,7 @@ DEMO := data/demo
 .PHONY: demo test bench clean help
 
 help:
-	@echo "make demo   build the built-in sample, convert it, and run the input pipeline on it"
+	@echo "make demo   build the built-in sample, convert it, and pretrain MP-MAE atto on it (CPU)"
 	@echo "make test   run the test suite"
 	@echo "make bench  run the benchmarks in benchmarks/"
 
@@ -21,16 +21,19 @@ $(STAMP): setup.py
 	@touch $@
 
 demo: $(STAMP)
-	$(BIN)/mmearth-jax synth --out $(DEMO)/h5 --n 256 --size 128 --seed 0
+	$(BIN)/mmearth-jax synth --out $(DEMO)/h5 --n 256 --size 64 --seed 0
 	$(BIN)/mmearth-jax convert --src $(DEMO)/h5 --out $(DEMO)/shards --shards 8 --workers 2
 	$(BIN)/mmearth-jax verify $(DEMO)/shards
-	$(BIN)/mmearth-jax inspect $(DEMO)/shards --batches 2 --batch 16
+	rm -rf $(DEMO)/run
+	$(BIN)/mmearth-jax train --config configs/mp_mae.py:demo --workdir $(DEMO)/run \
+	    --config.data.path=$(DEMO)/shards
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) data *.egg-info

@@ -21,6 +21,8 @@ setup(
         "ml-collections>=1.1,<1.2",
         "h5py>=3.16,<4",
         "numpy>=2.0,<3",
+        "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow
+        "tqdm>=4.60",
     ],
     extras_require={
         # The CPU build; a looser range pulls the newest CUDA build and several GB with it.

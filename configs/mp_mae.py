@@ -103,8 +103,8 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.patch_size = 8
   c.data.path = "data/demo/shards"
   c.data.crop = 56
-  c.data.global_batch_size = 16
-  c.optimizer.base_lr = 2e-2  # lr 1.25e-3 at batch 16: visible progress in a few hundred steps
+  c.data.global_batch_size = 8
+  c.optimizer.base_lr = 4e-2  # lr 1.25e-3 at batch 8: visible progress in a few hundred steps
   c.train.num_steps = 300
   c.train.warmup_epochs = 0.0
   c.optimizer.warmup_steps = 20

@@ -283,6 +283,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   bar = _progress_bar(config.train.progress, total, start)
+  first: dict = {}
   last: dict = {}
   pending = None  # previous step's metrics: read one step late so the device stays busy
   t0, n0 = time.perf_counter(), start
@@ -307,6 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           if peak:
             host["mfu"] = flops / host["step_time_s"] / (peak * jax.device_count())
           writer.write(done, host)
+          first = first or {"step": done, **host}
           last = {"step": done, **host}
           if bar is not None:
             bar.set_postfix(loss=f"{host['loss']:.4f}")
@@ -330,6 +332,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     checkpointer.wait()  # an async save in flight must land before exit
     checkpointer.close()
     writer.close()
+  if first and last and last["step"] > first["step"]:
+    log(f"loss {first['loss']:.4f} at step {first['step']} -> {last['loss']:.4f} at step "
+        f"{last['step']}")
   log(f"done: {total} steps; checkpoints in {checkpointer.directory}, metrics in "
       f"{os.path.join(os.path.abspath(workdir), 'metrics.jsonl')} and "
       f"{os.path.join(os.path.abspath(workdir), 'tb')}")

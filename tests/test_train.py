@@ -43,6 +43,21 @@ def run(data: str, workdir, *extra: str, log=None) -> dict[int, dict]:
   return metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
 
 
+def kill_after_checkpoint(proc: subprocess.Popen, workdir, timeout_s: float = 300) -> None:
+  """SIGKILL `proc`'s process group once checkpoint 4 exists and step 6 is logged."""
+  jsonl = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + timeout_s
+  try:
+    while time.monotonic() < deadline and proc.poll() is None:
+      if (workdir / "checkpoints" / "4").exists() and jsonl.exists() and \
+          max(metrics.read_jsonl(str(jsonl)), default=0) >= 6:
+        break
+      time.sleep(0.05)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def losses(rows: dict[int, dict]) -> dict[int, float]:
   return {s: r["loss"] for s, r in sorted(rows.items())}
 
@@ -246,16 +261,7 @@ def test_resume_after_kill_9_repeats_the_uninterrupted_losses(shards64, referenc
   proc = subprocess.Popen(cmd, env=cpu_env(8), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                           start_new_session=True)
   jsonl = workdir / "metrics.jsonl"
-  deadline = time.monotonic() + 240
-  try:
-    while time.monotonic() < deadline and proc.poll() is None:
-      if (workdir / "checkpoints" / "4").exists() and jsonl.exists() and \
-          max(metrics.read_jsonl(str(jsonl)), default=0) >= 6:
-        break
-      time.sleep(0.05)
-  finally:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+  kill_after_checkpoint(proc, workdir)
   log.seek(0)
   assert proc.returncode == -signal.SIGKILL, log.read()
   killed_at = max(metrics.read_jsonl(str(jsonl)))
@@ -375,16 +381,7 @@ def test_two_processes_train_die_resume_and_match_one_process(shards64, referenc
 
   jsonl = workdir / "metrics.jsonl"
   proc, log = launch("first.log")
-  deadline = time.monotonic() + 300
-  try:
-    while time.monotonic() < deadline and proc.poll() is None:
-      if (workdir / "checkpoints" / "4").exists() and jsonl.exists() and \
-          max(metrics.read_jsonl(str(jsonl)), default=0) >= 6:
-        break
-      time.sleep(0.05)
-  finally:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+  kill_after_checkpoint(proc, workdir)
   assert jsonl.exists() and max(metrics.read_jsonl(str(jsonl))) >= 6, logs(log)
   assert max(metrics.read_jsonl(str(jsonl))) < 12, logs(log)
 
