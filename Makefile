@@ -17,7 +17,7 @@ $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mmearth_jax needs Python 3.11 or newer; set PYTHON=python3.X")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,torch]'
+	$(BIN)/python -m pip install --quiet -e '.[test,torch,notebook]'
 	@touch $@
 
 demo: $(STAMP)
@@ -26,7 +26,10 @@ demo: $(STAMP)
 	$(BIN)/mmearth-jax verify $(DEMO)/shards
 	rm -rf $(DEMO)/run
 	$(BIN)/mmearth-jax train --config configs/mp_mae.py:demo --workdir $(DEMO)/run \
-	    --config.data.path=$(DEMO)/shards
+	    --config.data.path=$(DEMO)/shards --config.eval.dataset=mmearth:$(DEMO)/shards
+	rm -f $(DEMO)/mp_mae_atto.pth
+	$(BIN)/mmearth-jax to-torch --checkpoint $(DEMO)/run --layout mmearth \
+	    --out $(DEMO)/mp_mae_atto.pth --check mmearth:$(DEMO)/shards
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -23,11 +23,14 @@ setup(
         "numpy>=2.0,<3",
         "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow
         "tqdm>=4.60",
+        "safetensors>=0.4,<1",  # weight files read and written without unpickling
     ],
     extras_require={
         # The CPU build; a looser range pulls the newest CUDA build and several GB with it.
         "torch": ["torch==2.13.0"],
         "test": ["pytest>=9,<10", "portpicker>=1.6"],
+        # The Colab notebook, executed headless by the test suite.
+        "notebook": ["papermill>=2.6,<3", "nbclient>=0.10", "ipykernel>=6", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["mmearth-jax=mmearth_jax.cli:main"]},
 )

@@ -110,4 +110,8 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 20
   c.train.log_every = 25
   c.checkpoint.every_steps = 100
+  # kNN and least-squares probes of dominant land cover on the sample, every 100 steps.
+  c.eval.every_steps = 100
+  c.eval.dataset = "mmearth:data/demo/shards"
+  c.eval.knn_k = (10, 20)
   return c

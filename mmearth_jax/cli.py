@@ -75,6 +75,151 @@ def _train(args) -> int:
   return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# Pretrained encoders: embeddings, evaluation, PyTorch interop.
+
+
+def _load_images(path: str, channels_first: bool):
+  import numpy as np
+  try:
+    x = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: cannot read images as a .npy array ({e})") from e
+  if x.dtype.kind not in "fiu":
+    raise ValueError(f"{path}: images must be a numeric array, got dtype {x.dtype}")
+  if x.ndim == 3:  # one image
+    x = x[None]
+  if x.ndim != 4:
+    raise ValueError(f"{path}: expected (N, H, W, C) or (N, C, H, W) images, got shape {x.shape}")
+  if channels_first:
+    x = x.transpose(0, 2, 3, 1)
+  return x.astype(np.float32)
+
+
+def _embed(args) -> int:
+  import numpy as np
+  from mmearth_jax import pretrained
+  from mmearth_jax.eval import features
+  model = pretrained.load(args.checkpoint)
+  images = _load_images(args.images, args.channels_first)
+  enc = pretrained.encoder_spec(model.spec)
+  pretrained.check_images(enc, images, args.images)
+  out = features.extract(pretrained.features_fn(model.spec),
+                         pretrained.encoder_params(model.spec, model.params), images,
+                         batch_size=args.batch_size)
+  _atomic_save_npy(args.out, out)
+  print(f"wrote {out.shape[0]} embeddings of width {out.shape[1]} to {args.out} "
+        f"({enc['arch']} from {model.source})")
+  return 0
+
+
+def _atomic_save_npy(path: str, array) -> None:
+  import os
+  import numpy as np
+  os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+  tmp = path + ".partial.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)
+
+
+def _evaluate(args, evaluators) -> int:
+  import json
+  from mmearth_jax import pretrained
+  from mmearth_jax.eval import evaluate
+  model = pretrained.load(args.checkpoint)
+  bands = args.bands.split(",") if args.bands else model.bands
+  cfg = evaluate.default_config()
+  cfg.dataset, cfg.data_dir = args.dataset, args.data_dir or ""
+  cfg.train_split, cfg.test_split, cfg.partition = args.train_split, args.test_split, args.partition
+  cfg.max_examples, cfg.image_size = args.max_examples, args.image_size
+  train, test = evaluate.load_splits(cfg, bands)
+  ks = tuple(int(k) for k in args.k.split(",")) if getattr(args, "k", None) else (20,)
+  result = evaluate.evaluate(model.spec, model.params, train, test, evaluators=evaluators, ks=ks,
+                             batch_size=args.batch_size)
+  print(f"{args.dataset}: {len(train.labels)} train / {len(test.labels)} test images, "
+        f"{train.num_classes} classes; encoder from {model.source}")
+  for k, v in result.items():
+    print(f"  {k:<16} {100 * v:6.2f} %")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return 0
+
+
+def _knn(args) -> int:
+  return _evaluate(args, ("knn",))
+
+
+def _probe(args) -> int:
+  from mmearth_jax.eval import evaluate
+  return _evaluate(args, evaluate.parse_evaluators(args.kind))
+
+
+def _to_torch(args) -> int:
+  from mmearth_jax import pretrained
+  from mmearth_jax.interop import hub, torch_io
+  model = pretrained.load(args.checkpoint)
+  state_dict = hub.export_state_dict(model.spec, model.params, args.layout)
+  torch_io.save_state_dict(state_dict, args.out)
+  print(f"wrote {len(state_dict)} tensors ({args.layout} layout, {model.spec['arch']}) to "
+        f"{args.out}")
+  if args.check:
+    _check_export(model, args.out, args.layout, args.check)
+  return 0
+
+
+def _check_export(model, path: str, layout: str, check: str) -> None:
+  """Print the first image's embedding from JAX and from PyTorch reading `path`."""
+  from mmearth_jax import pretrained
+  from mmearth_jax.eval import datasets, features
+  from mmearth_jax.interop import compare
+  if check.endswith(".npy"):
+    image = _load_images(check, channels_first=False)[:1]
+  else:
+    image = datasets.load(check, "train", model.bands, max_examples=1).images[:1]
+  pretrained.check_images(pretrained.encoder_spec(model.spec), image, check)
+  ours = features.extract(pretrained.features_fn(model.spec),
+                          pretrained.encoder_params(model.spec, model.params), image)[0]
+  theirs = compare.torch_features(model.spec, path, layout, image)[0]
+  print(f"embedding of the first image of {check} ({image.shape[1]}x{image.shape[2]} px, "
+        f"{image.shape[3]} bands):")
+  print(compare.side_by_side(ours, theirs))
+
+
+def _from_torch(args) -> int:
+  from mmearth_jax import pretrained
+  from mmearth_jax.interop import hub, torch_io
+  state_dict = torch_io.load_state_dict(args.checkpoint)
+  spec, params, notes = hub.import_state_dict(state_dict, args.model)
+  if args.bands:
+    spec["bands"] = args.bands.split(",")
+  for note in notes:
+    print(f"note: {note}")
+  out = pretrained.save(args.out, spec, params, source=f"imported from {args.checkpoint}")
+  shape = {k: v for k, v in spec.items() if k not in ("outputs", "bands")}
+  print(f"imported {spec['arch']} {shape} to {out}")
+  return 0
+
+
+def _add_eval_args(e: argparse.ArgumentParser) -> None:
+  e.add_argument("--checkpoint", required=True, help="training workdir, step folder or model "
+                 "folder (from-torch)")
+  e.add_argument("--dataset", required=True,
+                 help="geobench:<task folder> | tfds:<name> (eurosat/all, so2sat/all, "
+                 "bigearthnet) | mmearth:<shards folder> (dominant land cover)")
+  e.add_argument("--data-dir", default=None, help="TFDS data_dir")
+  e.add_argument("--train-split", default="train")
+  e.add_argument("--test-split", default="test")
+  e.add_argument("--partition", default="default",
+                 help="GEO-Bench partition, e.g. default, 0.01x_train (label fraction)")
+  e.add_argument("--max-examples", type=int, default=0, help="at most this many per split")
+  e.add_argument("--image-size", type=int, default=0, help="resize images to this size")
+  e.add_argument("--bands", default="", help="the encoder's input bands, comma separated, "
+                 "when the checkpoint does not name them")
+  e.add_argument("--batch-size", type=int, default=128)
+  e.add_argument("--json", default="", help="also write the metrics to this JSON file")
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="mmearth-jax", description="Pretrain geospatial foundation "
                               "models in JAX: data preparation, training and evaluation.")
@@ -140,6 +285,56 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--process-id", type=int, default=None,
                  help="this process's index in an explicit launch (or MMEARTH_PROCESS_ID)")
   t.set_defaults(func=_train)
+
+  e = sub.add_parser("embed", help="embeddings of a stack of images from a pretrained encoder",
+                     description="Embeddings (ConvNeXt V2: LayerNorm of the global average pool, "
+                     "the reference's forward_features; ViT: the normed CLS token) of images "
+                     "already in the encoder's band order and normalisation.")
+  e.add_argument("--checkpoint", required=True, help="training workdir, step folder or model "
+                 "folder (from-torch)")
+  e.add_argument("--images", required=True, help=".npy float array (N, H, W, C)")
+  e.add_argument("--channels-first", action="store_true", help="the images are (N, C, H, W)")
+  e.add_argument("--out", required=True, help=".npy file for the (N, D) embeddings")
+  e.add_argument("--batch-size", type=int, default=128)
+  e.set_defaults(func=_embed)
+
+  k = sub.add_parser("knn", help="weighted kNN accuracy of a frozen encoder on a dataset",
+                     description="Weighted kNN (cosine, votes weighted exp(sim/0.07)) on frozen "
+                     "features: top-1/top-5 accuracy, or micro-F1 for multi-label tasks.")
+  _add_eval_args(k)
+  k.add_argument("--k", default="10,20,100,200", help="neighbour counts (default 10,20,100,200)")
+  k.set_defaults(func=_knn)
+
+  pr = sub.add_parser("probe", help="linear probes of a frozen encoder on a dataset",
+                      description="Logistic regression (linear) and closed-form least-squares "
+                      "(lsq) probes on frozen features.")
+  _add_eval_args(pr)
+  pr.add_argument("--kind", default="linear,lsq", help="linear, lsq or both (default both)")
+  pr.set_defaults(func=_probe)
+
+  tt = sub.add_parser("to-torch", help="export a checkpoint to a PyTorch state dict",
+                      description="Write {'model': state_dict} (.pth) or .safetensors in the "
+                      "MMEarth, official ConvNeXt V2 or timm layout (ViT: timm, or mae for a "
+                      "full MAE).")
+  tt.add_argument("--checkpoint", required=True)
+  tt.add_argument("--layout", required=True, choices=("mmearth", "official", "timm", "mae"))
+  tt.add_argument("--out", required=True, help=".pth/.pt or .safetensors file")
+  tt.add_argument("--check", default="", help="a .npy image stack or a dataset (as for knn): "
+                  "print the first image's embedding from JAX and from the plain-PyTorch "
+                  "reference model loaded with the written file, side by side")
+  tt.set_defaults(func=_to_torch)
+
+  ft = sub.add_parser("from-torch", help="import a PyTorch checkpoint",
+                      description="Import official ConvNeXt V2 / FCMAE, MMEarth (including its "
+                      "sparse pretraining layout), timm ConvNeXt V2 and ViT, MAE and Scale-MAE "
+                      "checkpoints; the architecture is inferred from the keys and shapes. Files "
+                      "are read with weights_only=True (no code is unpickled).")
+  ft.add_argument("--checkpoint", required=True, help=".pth/.pt/.safetensors file")
+  ft.add_argument("--out", required=True, help="model folder to write")
+  ft.add_argument("--model", default=None,
+                  help="override the inferred architecture: convnextv2, mp_mae, vit, mae")
+  ft.add_argument("--bands", default="", help="the encoder's input bands, comma separated")
+  ft.set_defaults(func=_from_torch)
   return p
 
 

@@ -58,11 +58,13 @@ class MetricWriter:
 
 
 def read_jsonl(path: str) -> dict[int, dict]:
-  """{step: metrics} of a metrics.jsonl, later lines for a step replacing earlier ones."""
+  """{step: metrics} of a metrics.jsonl. Lines of one step are merged (training metrics and
+  evaluation are written separately); a later value of a key replaces an earlier one (a resumed
+  run repeats the steps after its checkpoint)."""
   out = {}
   with open(path) as f:
     for line in f:
       if line.strip():
         row = json.loads(line)
-        out[row["step"]] = row
+        out.setdefault(row["step"], {}).update(row)
   return out

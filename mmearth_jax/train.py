@@ -28,8 +28,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mmearth_jax import checkpoint as ckpt_lib
 from mmearth_jax import metrics as metrics_lib
 from mmearth_jax import optim
+from mmearth_jax import pretrained
 from mmearth_jax.data import convert, pipeline
 from mmearth_jax.data import modalities as M
+from mmearth_jax.eval import evaluate as eval_lib
+from mmearth_jax.eval import features as features_lib
 from mmearth_jax.models.mp_mae import MPMAE
 from mmearth_jax.objectives.mp_mae import mp_mae_loss
 from mmearth_jax.parallel import mesh as mesh_lib
@@ -59,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 1000
   c.checkpoint.keep = 3
   c.checkpoint.use_async = True
+  c.init_from = ""  # a pretrained CHECKPOINT (see mmearth_jax.pretrained) to start from
+  c.eval = eval_lib.default_config()  # periodic kNN / probes of the encoder
   return c
 
 
@@ -264,6 +269,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if state is None:
     state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(config.seed))
     log(f"initialised {_count(state['params']):,} parameters; training {total} steps")
+    if config.init_from:
+      state["params"] = _init_from(state["params"], config.init_from, log)
   else:
     log(f"resumed from {checkpointer.directory}/{int(state['step'])}")
   start = int(state["step"])
@@ -281,7 +288,17 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   log(f"mesh {dict(mesh.shape)}, global batch {gbs}, {flops / gbs / 1e9:.2f} GFLOP per image "
       f"(compiled step); workdir {os.path.abspath(workdir)}")
 
+  evaluator = _make_evaluator(config, input_bands, mesh, log)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+
+  def run_eval(step: int) -> None:
+    result = evaluator(state["params"])
+    writer.write(step, {f"eval/{k}": v for k, v in result.items()})
+    log(f"step {step} eval on {config.eval.dataset}: " +
+        ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.items()))
+
+  if evaluator and start == 0:
+    run_eval(0)  # the randomly initialised encoder: the baseline training must beat
   bar = _progress_bar(config.train.progress, total, start)
   first: dict = {}
   last: dict = {}
@@ -316,6 +333,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             log(f"step {done}/{total} loss {host['loss']:.4f} lr {host['lr']:.3g} "
                 f"{host['images_per_s']:.1f} img/s")
           t0, n0 = time.perf_counter(), done
+        if evaluator and (done % config.eval.every_steps == 0 or done == total):
+          _stop_if_not_finite(*pending, checkpointer)
+          run_eval(done)
         if checkpointer.due(done) or done == total:
           _stop_if_not_finite(*pending, checkpointer)
           checkpointer.save(done, state, data_iter)
@@ -339,6 +359,54 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       f"{os.path.join(os.path.abspath(workdir), 'metrics.jsonl')} and "
       f"{os.path.join(os.path.abspath(workdir), 'tb')}")
   return last
+
+
+def _make_evaluator(config: ml_collections.ConfigDict, input_bands, mesh, log
+                    ) -> Callable[[Any], dict] | None:
+  """params -> eval metrics of the encoder on config.eval.dataset, or None when off."""
+  ec = config.eval
+  if ec.every_steps <= 0:
+    return None
+  if not ec.dataset:
+    raise TrainingError("config eval.every_steps > 0 needs eval.dataset (e.g. "
+                        "mmearth:<shards>, geobench:<task folder>, tfds:eurosat/all)")
+  evaluators = eval_lib.parse_evaluators(ec.evaluators)
+  train_split, test_split = eval_lib.load_splits(ec, input_bands)
+  spec = pretrained.spec_from_config(config)
+  fn = pretrained.features_fn(spec)
+  log(f"evaluating {','.join(evaluators)} every {ec.every_steps} steps on {ec.dataset} "
+      f"({len(train_split.labels)} train / {len(test_split.labels)} test images)")
+
+  def run(params) -> dict:
+    kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=config.mesh.rules,
+              min_size=config.mesh.fsdp_min_size)
+    enc = pretrained.encoder_params(spec, params)
+    train_x = features_lib.extract(fn, enc, train_split.images, **kw)
+    test_x = features_lib.extract(fn, enc, test_split.images, **kw)
+    return eval_lib.evaluate_features(train_x, train_split, test_x, test_split, evaluators,
+                                      tuple(ec.knn_k))
+  return run
+
+
+def _init_from(params: Any, path: str, log) -> Any:
+  """`params` with the leaves of a pretrained checkpoint put in (an encoder-only checkpoint
+  fills the `encoder` subtree); every mismatch is named."""
+  model = pretrained.load(path)
+  src = traverse_util.flatten_dict(model.params)
+  if model.spec["arch"] in pretrained.ENCODER_ARCHS:
+    src = {("encoder", *k): v for k, v in src.items()}
+  dst = traverse_util.flatten_dict(params)
+  problems = [f"unexpected: {'/'.join(k)}" for k in src if k not in dst]
+  problems += [f"mis-shaped: {'/'.join(k)} is {tuple(np.shape(v))} in {path}, the model needs "
+               f"{tuple(dst[k].shape)}" for k, v in src.items()
+               if k in dst and tuple(np.shape(v)) != tuple(dst[k].shape)]
+  if problems:
+    raise TrainingError(f"config init_from = {path!r} does not fit the model: "
+                        + "; ".join(problems[:20]))
+  for k, v in src.items():
+    dst[k] = jax.device_put(jnp.asarray(v, dst[k].dtype), dst[k].sharding)
+  log(f"initialised {len(src)} of {len(dst)} parameter tensors from {model.source}")
+  return traverse_util.unflatten_dict(dst)
 
 
 def _stop_if_not_finite(step: int, metrics: Mapping[str, Any], checkpointer) -> None:

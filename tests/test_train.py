@@ -34,7 +34,7 @@ def tiny(data: str, *extra: str) -> list[str]:
           "model.decoder_dim=16", "data.global_batch_size=8", "data.read_threads=2",
           "train.num_steps=8", "train.log_every=1", "checkpoint.every_steps=4",
           "mesh.fsdp_min_size=64", "optimizer.base_lr=0.01", "optimizer.warmup_steps=2",
-          *extra]
+          "eval.every_steps=0", *extra]
 
 
 def run(data: str, workdir, *extra: str, log=None) -> dict[int, dict]:

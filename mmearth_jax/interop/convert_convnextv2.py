@@ -1,15 +1,21 @@
-"""Flax <-> PyTorch weight conversion for ConvNeXt V2 (official / MMEarth layouts) and MP-MAE.
+"""Flax <-> PyTorch weight conversion for ConvNeXt V2 (official / MMEarth / timm layouts) and
+MP-MAE.
 
 Flax params are the plain nested dicts of `mmearth_jax.models.convnextv2.ConvNeXtV2` and
 `mmearth_jax.models.mp_mae.MPMAE`; PyTorch state dicts use the layouts of
-`mmearth_jax.interop.torch_convnextv2` (the official ConvNeXt V2 release, MMEarth's dense model
-and MP-MAE pretraining keys). Every tensor is only transposed or reshaped, so Flax -> torch ->
-Flax is bit-exact:
+`mmearth_jax.interop.torch_convnextv2` (the official ConvNeXt V2 release, MMEarth's dense model,
+timm's `convnextv2_*` models and MP-MAE pretraining keys). Every tensor is only transposed or
+reshaped, so Flax -> torch -> Flax is bit-exact:
 
   conv HWIO -> OIHW (3, 2, 0, 1), which also maps a grouped Flax conv (k, k, 1, C) -> (C, 1, k, k);
   our depthwise kernel (k, k, C) -> (C, 1, k, k); Dense (in, out) -> Linear (out, in);
   a Dense used per position (proj, pixel heads) -> 1x1 conv (out, in, 1, 1);
   GRN gamma/beta (C,) -> (1, 1, 1, C); mask token (D,) -> (1, D, 1, 1); LayerNorm scale -> weight.
+
+timm names the same tensors differently (`stem.*`, `stages.i.downsample.*`,
+`stages.i.blocks.j.{conv_dw, norm, mlp.fc1, mlp.grn.weight/bias (C,), mlp.fc2}`, `head.norm`,
+`head.fc`) and stores fc1/fc2 as 1x1 convs (out, in, 1, 1) in atto..nano but as Linears
+(out, in) from tiny up; timm has only the official 4x4 stem.
 
 Any missing, unexpected or mis-shaped entry raises one ValueError that names every offender.
 Expected shapes come from the widths the weights themselves agree on (a majority vote), so a
@@ -30,7 +36,7 @@ from mmearth_jax.interop.torch_convnextv2 import head_width
 from mmearth_jax.interop.trees import flatten as _flatten, unflatten as _unflatten
 from mmearth_jax.interop.trees import to_numpy as _to_numpy, to_torch as _to_torch
 
-LAYOUTS = ("official", "mmearth")
+LAYOUTS = ("official", "mmearth", "timm")
 
 # Shape templates: an int is fixed; (symbol, factor) is factor * value(symbol).
 Dim = Any
@@ -89,11 +95,51 @@ def _block(tk: str, fp: tuple, sym: str) -> list[_Entry]:
           (f"{tk}.pwconv2.bias", fp + ("pwconv2", "bias"), "copy", (d,))]
 
 
+def _timm_block(tk: str, fp: tuple, sym: str, conv_mlp: bool) -> list[_Entry]:
+  d, d4 = _d(sym), _d(sym, 4)
+  # atto..nano hold the pointwise layers as 1x1 convs, the larger models as Linears.
+  kind = "conv1x1" if conv_mlp else "dense"
+  tail = (1, 1) if conv_mlp else ()
+  return [(f"{tk}.conv_dw.weight", fp + ("dwconv", "kernel"), "dw", (d, 1, 7, 7)),
+          (f"{tk}.conv_dw.bias", fp + ("dwconv", "bias"), "copy", (d,)),
+          *_norm(f"{tk}.norm", fp + ("norm",), d),
+          (f"{tk}.mlp.fc1.weight", fp + ("pwconv1", "kernel"), kind, (d4, d) + tail),
+          (f"{tk}.mlp.fc1.bias", fp + ("pwconv1", "bias"), "copy", (d4,)),
+          (f"{tk}.mlp.grn.weight", fp + ("grn", "gamma"), "copy", (d4,)),
+          (f"{tk}.mlp.grn.bias", fp + ("grn", "beta"), "copy", (d4,)),
+          (f"{tk}.mlp.fc2.weight", fp + ("pwconv2", "kernel"), kind, (d, d4) + tail),
+          (f"{tk}.mlp.fc2.bias", fp + ("pwconv2", "bias"), "copy", (d,))]
+
+
+def _timm_spec(depths: Sequence[int], head: bool, conv_mlp: bool, tp: str = "",
+               fp: tuple = ()) -> list[_Entry]:
+  """timm's keys in its own state-dict order: stem, then per stage downsample and blocks."""
+  dims = [_d(f"d{i}") for i in range(4)]
+  out = _conv(f"{tp}stem.0", fp + ("stem_conv",), dims[0], _d("in"), 4)
+  out += _norm(f"{tp}stem.1", fp + ("stem_norm",), dims[0])
+  for i, depth in enumerate(depths):
+    if i > 0:  # timm's stage 0 has no downsample: the stem already did it
+      out += _norm(f"{tp}stages.{i}.downsample.0", fp + (f"downsample_{i}_norm",), dims[i - 1])
+      out += _conv(f"{tp}stages.{i}.downsample.1", fp + (f"downsample_{i}_conv",), dims[i],
+                   dims[i - 1], 2)
+    for j in range(depth):
+      out += _timm_block(f"{tp}stages.{i}.blocks.{j}", fp + (f"stage_{i}_block_{j}",), f"d{i}",
+                         conv_mlp)
+  out += _norm(f"{tp}head.norm", fp + ("norm",), dims[3])  # the LayerNorm after pooling
+  if head:
+    out += [(f"{tp}head.fc.weight", fp + ("head", "kernel"), "dense", (_d("nc"), dims[3])),
+            (f"{tp}head.fc.bias", fp + ("head", "bias"), "copy", (_d("nc"),))]
+  return out
+
+
 def _encoder_spec(layout: str, depths: Sequence[int], head: bool, tp: str = "",
-                  fp: tuple = ()) -> list[_Entry]:
-  """Entries of an encoder; `tp` / `fp` prefix the torch keys / Flax paths."""
+                  fp: tuple = (), conv_mlp: bool = False) -> list[_Entry]:
+  """Entries of an encoder; `tp` / `fp` prefix the torch keys / Flax paths. `conv_mlp` only
+  matters for the timm layout (1x1-conv pointwise layers)."""
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+  if layout == "timm":
+    return _timm_spec(depths, head, conv_mlp, tp, fp)
   dims = [_d(f"d{i}") for i in range(4)]
   out: list[_Entry] = []
   if layout == "official":
@@ -261,9 +307,10 @@ def _depths_from_flax(flat: Mapping[tuple, Any], prefix: tuple = ()) -> list[int
   return depths
 
 
-def _depths_from_torch(keys: Sequence[str], prefix: str = "") -> list[int]:
+def _depths_from_torch(keys: Sequence[str], prefix: str = "", timm: bool = False) -> list[int]:
   depths = [0] * 4
-  pat = re.compile(re.escape(prefix) + r"stages\.(\d)\.(\d+)\.")
+  pat = re.compile(re.escape(prefix) + (r"stages\.(\d)\.blocks\.(\d+)\." if timm
+                                        else r"stages\.(\d)\.(\d+)\."))
   for k in keys:
     m = pat.match(k)
     if m and int(m.group(1)) < 4:
@@ -275,19 +322,54 @@ def _depths_from_torch(keys: Sequence[str], prefix: str = "") -> list[int]:
 # Public API.
 
 
-def flax_to_torch(params: Mapping, layout: str) -> dict[str, torch.Tensor]:
+def timm_conv_mlp_default(dims: Sequence[int]) -> bool:
+  """timm's choice for `convnextv2_*`: 1x1-conv pointwise layers for atto..nano (dims[0] <= 80),
+  Linears from tiny up."""
+  return int(dims[0]) <= 80
+
+
+def flax_to_torch(params: Mapping, layout: str, *, conv_mlp: bool | None = None
+                  ) -> dict[str, torch.Tensor]:
   """ConvNeXt V2 encoder params (Flax) -> a PyTorch state dict in `layout` ("official" for the
-  4x4 stem, "mmearth" for MMEarth's stem). A `{"params": ...}` wrapper is accepted."""
+  4x4 stem, "mmearth" for MMEarth's stem, "timm" for timm's names; timm has only the 4x4 stem).
+  A `{"params": ...}` wrapper is accepted.
+
+  `conv_mlp` (timm only): write fc1/fc2 as 1x1 convs (out, in, 1, 1) rather than Linears;
+  default as timm's models of this width (`timm_conv_mlp_default`).
+  """
   flat = _flatten(_unwrap_params(params))
-  spec = _encoder_spec(layout, _depths_from_flax(flat), ("head", "kernel") in flat)
+  if layout == "timm":
+    if ("initial_conv", "kernel") in flat:
+      raise ValueError("layout 'timm' has only the official 4x4 stem, but this model uses "
+                       "MMEarth's stem (initial_conv + depthwise stem conv); export it with "
+                       "layout 'mmearth' instead")
+    if conv_mlp is None:
+      stem = flat.get(("stem_conv", "kernel"))
+      conv_mlp = timm_conv_mlp_default([np.shape(stem)[-1]]) if stem is not None else False
+  spec = _encoder_spec(layout, _depths_from_flax(flat), ("head", "kernel") in flat,
+                       conv_mlp=bool(conv_mlp))
   return _flax_to_torch(flat, spec, f"flax_to_torch(layout={layout!r})")
+
+
+def _timm_conv_mlp_of(sd: Mapping[str, Any], prefix: str = "") -> bool:
+  """Whether a timm state dict holds its pointwise layers as 1x1 convs (rank-4 fc1)."""
+  pat = re.compile(re.escape(prefix) + r"stages\.\d\.blocks\.\d+\.mlp\.fc1\.weight$")
+  for k, v in sd.items():
+    if pat.match(k):
+      return len(np.shape(v)) == 4
+  return False
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], layout: str) -> dict:
   """A PyTorch ConvNeXt V2 state dict in `layout` -> Flax params (a plain nested dict). A
-  checkpoint's `{"model": state_dict}` wrapper is accepted."""
+  checkpoint's `{"model": state_dict}` wrapper is accepted; the timm layout takes fc1/fc2 as
+  Linears or as 1x1 convs."""
   sd = _unwrap_state_dict(state_dict)
-  spec = _encoder_spec(layout, _depths_from_torch(list(sd)), "head.weight" in sd)
+  if layout == "timm":
+    spec = _encoder_spec(layout, _depths_from_torch(list(sd), timm=True), "head.fc.weight" in sd,
+                         conv_mlp=_timm_conv_mlp_of(sd))
+  else:
+    spec = _encoder_spec(layout, _depths_from_torch(list(sd)), "head.weight" in sd)
   return _torch_to_flax(sd, spec, f"torch_to_flax(layout={layout!r})")
 
 
@@ -331,3 +413,86 @@ def mp_mae_torch_to_flax(state_dict: Mapping[str, Any], outputs: Mapping[str, Se
   spec = _mp_mae_spec(layout, _depths_from_torch(list(sd), "encoder."), outputs,
                       _patch_size_from(outputs, widths))
   return _torch_to_flax(sd, spec, "mp_mae_torch_to_flax")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse (MinkowskiEngine) pretraining checkpoints -> the dense layouts.
+#
+# FCMAE pretraining (ConvNeXt V2's ImageNet FCMAE files, MMEarth's MP-MAE files) runs the encoder
+# with MinkowskiEngine sparse layers, whose parameters are stored differently from the dense
+# model's:
+#   MinkowskiConvolution           `<m>.kernel` (k*k, in, out), `<m>.bias` (1, out)
+#   MinkowskiDepthwiseConvolution  `<m>.kernel` (k*k, C),       `<m>.bias` (1, C)
+#   MinkowskiLayerNorm / Linear    an inner `nn.LayerNorm` / `nn.Linear`: `<m>.ln.*`, `<m>.linear.*`
+#   MinkowskiGRN                   `gamma` / `beta` (1, C)
+# The kernel-offset index runs over the first spatial axis fastest: dense weight[o, i, h, w] =
+# kernel[w * k + h, i, o]. Source: the ConvNeXt V2 authors' `remap_checkpoint_keys` (utils.py of
+# facebookresearch/ConvNeXt-V2), which fine-tuning uses to load FCMAE weights into the dense model:
+# kernel.permute(2, 1, 0).reshape(out, in, k, k).transpose(3, 2); MMEarth's helpers.py holds the
+# same function. (MinkowskiEngine itself is not needed here; the test suite checks the rule
+# against a direct evaluation of the sparse conv sum.)
+
+
+def _sparse_kernel_to_dense(kernel: np.ndarray, key: str) -> np.ndarray:
+  kk = kernel.shape[0]
+  k = int(round(kk ** 0.5))
+  if k * k != kk:
+    raise ValueError(f"{key}: {kk} kernel offsets is not a square k*k kernel")
+  if kernel.ndim == 3:  # (k*k, in, out): offset index w*k + h
+    return kernel.reshape(k, k, *kernel.shape[1:]).transpose(3, 2, 1, 0)  # -> (out, in, h, w)
+  if kernel.ndim == 2:  # depthwise (k*k, C) -> (C, 1, h, w)
+    return kernel.reshape(k, k, kernel.shape[1]).transpose(2, 1, 0)[:, None]
+  raise ValueError(f"{key}: a sparse kernel has rank 2 or 3, got shape {kernel.shape}")
+
+
+def is_sparse(state_dict: Mapping[str, Any], prefix: str = "encoder.") -> bool:
+  """Whether `state_dict` holds a MinkowskiEngine (sparse) encoder under `prefix`."""
+  return any(k.startswith(prefix) and k.endswith(".kernel") for k in state_dict)
+
+
+def sparse_to_dense(state_dict: Mapping[str, Any], prefix: str = "encoder.") -> dict[str, Any]:
+  """The keys under `prefix` of a sparse-conv pretraining state dict renamed and reshaped to the
+  dense model's layout (official ConvNeXt V2 / MMEarth); other keys are passed through. Dense
+  layers in the sparse encoder (FCMAE's stem) are left as they are."""
+  out: dict[str, Any] = {}
+  for key, value in state_dict.items():
+    if not key.startswith(prefix):
+      out[key] = value
+      continue
+    a = _to_numpy(value)
+    parts = key.split(".")
+    if parts[-1] == "kernel":
+      out[".".join(parts[:-1] + ["weight"])] = _sparse_kernel_to_dense(a, key)
+      continue
+    if len(parts) >= 3 and parts[-2] in ("ln", "linear"):
+      parts = parts[:-2] + parts[-1:]  # the Minkowski wrapper's inner module
+    name = ".".join(parts)
+    if ".grn." in name and a.ndim == 2:
+      a = a.reshape(1, 1, 1, -1)  # (1, C) -> the dense GRN's (1, 1, 1, C)
+    elif parts[-1] == "bias" and a.ndim == 2 and a.shape[0] == 1:
+      a = a.reshape(-1)  # Minkowski conv biases are (1, C)
+    out[name] = a
+  return out
+
+
+def orig_stem_to_official(state_dict: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """MMEarth's `use_orig_stem` variant (`stem_orig.{0 conv, 1 LayerNorm}` then transitions
+  `downsample_layers.{0,1,2}`) renamed to the official layout (stem `downsample_layers.0`,
+  transitions 1..3). Only a 4x4 stem (patch size 32) exists in the official model."""
+  conv = state_dict.get(f"{prefix}stem_orig.0.weight")
+  if conv is None:
+    return dict(state_dict)
+  k = np.shape(conv)[-1]
+  if k != 4:
+    raise ValueError(f"{prefix}stem_orig.0.weight is a {k}x{k} stem (MMEarth use_orig_stem with "
+                     f"patch size {8 * k}); only the 4x4 official stem (patch size 32) is "
+                     "supported")
+  out = {}
+  pat = re.compile(re.escape(prefix) + r"downsample_layers\.(\d)\.(.*)$")
+  for key, v in state_dict.items():
+    if key.startswith(f"{prefix}stem_orig."):
+      key = f"{prefix}downsample_layers.0." + key[len(f"{prefix}stem_orig."):]
+    elif (m := pat.match(key)):
+      key = f"{prefix}downsample_layers.{int(m.group(1)) + 1}.{m.group(2)}"
+    out[key] = v
+  return out

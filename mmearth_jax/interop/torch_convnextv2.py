@@ -6,6 +6,8 @@ architecture and layout facts. The state-dict keys follow the layouts exactly:
 
 - `ConvNeXtV2Official`: the ConvNeXt V2 release (`downsample_layers.0` is the 4x4/4 stem).
 - `ConvNeXtV2MMEarth`: MMEarth's dense model with the modified stem (`initial_conv`, `stem`).
+- `ConvNeXtV2Timm`: timm's `convnextv2_*` names (`stem`, `stages.i.{downsample, blocks}`,
+  `head.{norm, fc}`), pointwise layers as 1x1 convs (atto..nano) or Linears (tiny and up).
 - `MPMAETorch`: the MP-MAE pretraining model (`encoder.`, `proj`, `mask_token`,
   `decoder_dict.<modality>.0.*`, `pred_dict.<modality>`, `layer_norm_tmp`, `loss_fn.log_vars`).
 
@@ -61,9 +63,17 @@ class GRN(nn.Module):
     self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    gx = torch.sqrt(torch.sum(x * x, dim=(1, 2), keepdim=True))  # L2 norm over space
-    nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-    return self.gamma * (x * nx) + self.beta + x
+    return grn(x, self.gamma, self.beta, channel_dim=-1)
+
+
+def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, channel_dim: int = -1
+        ) -> torch.Tensor:
+  """gamma * (x * Nx) + beta + x with Nx = Gx / mean_c(Gx), Gx the L2 norm over space; x is
+  (N, H, W, C) (channel_dim -1) or (N, C, H, W) (channel_dim 1); gamma/beta broadcast."""
+  space = (1, 2) if channel_dim == -1 else (2, 3)
+  gx = torch.sqrt(torch.sum(x * x, dim=space, keepdim=True))
+  nx = gx / (gx.mean(dim=channel_dim, keepdim=True) + 1e-6)
+  return gamma * (x * nx) + beta + x
 
 
 def _drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -302,6 +312,128 @@ class ConvNeXtV2MMEarth(_ConvNeXtV2Base):
 
 
 # ---------------------------------------------------------------------------------------------
+# timm's names.
+
+
+class _TimmGRN(nn.Module):
+  """GRN holding timm's `weight` / `bias` (C,) (= gamma / beta)."""
+
+  def __init__(self, dim: int, channels_first: bool):
+    super().__init__()
+    self.weight = nn.Parameter(torch.zeros(dim))
+    self.bias = nn.Parameter(torch.zeros(dim))
+    self.channels_first = channels_first
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    shape = (1, -1, 1, 1) if self.channels_first else (1, 1, 1, -1)
+    return grn(x, self.weight.view(shape), self.bias.view(shape),
+               channel_dim=1 if self.channels_first else -1)
+
+
+class _TimmMlp(nn.Module):
+  """fc1 -> GELU -> GRN -> fc2; 1x1 convs on (N, C, H, W) or Linears on (N, H, W, C)."""
+
+  def __init__(self, dim: int, conv: bool):
+    super().__init__()
+    # Registered in timm's order (fc1, act, grn, fc2), so state_dict() lists keys as timm does.
+    layer = (lambda i, o: nn.Conv2d(i, o, kernel_size=1)) if conv else nn.Linear
+    self.fc1 = layer(dim, 4 * dim)
+    self.act = nn.GELU()
+    self.grn = _TimmGRN(4 * dim, channels_first=conv)
+    self.fc2 = layer(4 * dim, dim)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.fc2(self.grn(self.act(self.fc1(x))))
+
+
+class _TimmBlock(nn.Module):
+  """The ConvNeXt V2 block (as `Block`) under timm's names; `conv_mlp` keeps it channels-first."""
+
+  def __init__(self, dim: int, conv_mlp: bool, drop_path: float = 0.0):
+    super().__init__()
+    self.conv_dw = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+    self.norm = LayerNorm(dim, channels_first=conv_mlp)
+    self.mlp = _TimmMlp(dim, conv_mlp)
+    self.conv_mlp = conv_mlp
+    self.drop_path = drop_path
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = self.conv_dw(x)
+    if self.conv_mlp:
+      y = self.mlp(self.norm(y))
+    else:
+      y = self.mlp(self.norm(y.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+    return x + _drop_path(y, self.drop_path, self.training)
+
+
+class _TimmStage(nn.Module):
+
+  def __init__(self, in_dim: int, dim: int, depth: int, conv_mlp: bool, rates: Sequence[float],
+               downsample: bool):
+    super().__init__()
+    if downsample:
+      self.downsample = nn.Sequential(LayerNorm(in_dim, channels_first=True),
+                                      nn.Conv2d(in_dim, dim, kernel_size=2, stride=2))
+    else:
+      self.downsample = nn.Identity()  # no parameters: timm's stage 0
+    self.blocks = nn.Sequential(*[_TimmBlock(dim, conv_mlp, r) for r in rates[:depth]])
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.blocks(self.downsample(x))
+
+
+class _TimmHead(nn.Module):
+  """Global average pool -> `norm` -> `fc` (absent without classes)."""
+
+  def __init__(self, dim: int, num_classes: int):
+    super().__init__()
+    self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+    self.fc = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+
+
+class ConvNeXtV2Timm(nn.Module):
+  """ConvNeXt V2 with timm's state-dict names (official 4x4 stem; no masking).
+
+  `conv_mlp`: pointwise layers as 1x1 convs, as timm's atto/femto/pico/nano; None picks timm's
+  choice for the width (dims[0] <= 80).
+  """
+
+  def __init__(self, in_chans: int, depths: Sequence[int], dims: Sequence[int],
+               num_classes: int = 0, conv_mlp: bool | None = None, drop_path_rate: float = 0.0):
+    super().__init__()
+    if len(depths) != 4 or len(dims) != 4:
+      raise ValueError(f"need 4 stages, got depths={list(depths)} dims={list(dims)}")
+    self.conv_mlp = bool(dims[0] <= 80) if conv_mlp is None else bool(conv_mlp)
+    self.depths, self.dims, self.in_chans = tuple(depths), tuple(dims), in_chans
+    self.num_classes = num_classes
+    self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4),
+                              LayerNorm(dims[0], channels_first=True))
+    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    self.stages = nn.ModuleList()
+    n = 0
+    for i, (depth, dim) in enumerate(zip(depths, dims)):
+      self.stages.append(_TimmStage(dims[max(i - 1, 0)], dim, depth, self.conv_mlp,
+                                    rates[n:n + depth], downsample=i > 0))
+      n += depth
+    self.head = _TimmHead(dims[-1], num_classes)
+
+  def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+    """The final feature map (N, C, h, w)."""
+    x = self.stem(x)
+    for stage in self.stages:
+      x = stage(x)
+    return x
+
+  def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm(global average pool): timm's `forward_head(x, pre_logits=True)`."""
+    return self.head.norm(self.forward_map(x).mean(dim=(-2, -1)))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Class logits with a head, else the pooled features."""
+    return self.head.fc(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------------------------
 # MP-MAE.
 
 
@@ -331,9 +463,11 @@ class MPMAETorch(nn.Module):
 
   def __init__(self, outputs: Mapping[str, Sequence[str]], in_chans: int = 12,
                variant: str = "atto", stem: str = "mmearth", patch_size: int = 16,
-               decoder_dim: int = 512, drop_path_rate: float = 0.0):
+               decoder_dim: int = 512, drop_path_rate: float = 0.0,
+               depths: Sequence[int] | None = None, dims: Sequence[int] | None = None):
     super().__init__()
-    depths, dims = VARIANTS[variant]
+    # `depths` / `dims` override the variant's (small test models), as the Flax MPMAE.
+    depths, dims = depths or VARIANTS[variant][0], dims or VARIANTS[variant][1]
     self.outputs = {k: tuple(v) for k, v in outputs.items()}
     self.patch_size = patch_size
     if stem == "mmearth":

@@ -1,0 +1,716 @@
+"""Downstream classification datasets for frozen-encoder evaluation (kNN, linear probes).
+
+`load(dataset, split, bands)` returns an `EvalData`: every image of one split in memory, as
+float32 `(N, H, W, C)` with the channels in the ENCODER's band order (`bands`, MMEarth
+Sentinel-2 names such as `S2_INPUT_BANDS` or `("B4", "B3", "B2")`), normalised. Sources:
+
+    geobench:<task folder>   a GEO-Bench classification task (m-eurosat, m-bigearthnet, ...)
+    tfds:<name>              a prepared TFDS dataset: eurosat[/all|/rgb], so2sat[/all|/rgb],
+                             bigearthnet[/all|/rgb] (no config: the all-bands one)
+    mmearth:<shards folder>  our converted MMEarth shards, labelled by land cover
+
+A relative path or TFDS name is resolved against `data_dir` (TFDS: its data_dir).
+
+Band mapping (`band_mapping`, used by every loader; `EvalData.mapping` keeps it):
+  each dataset channel is named by its MMEarth band; an encoder band the dataset has gets that
+  channel; a dataset band the encoder does not use is dropped; an encoder band the dataset
+  lacks is filled, by default (`fill="nearest"`), with a copy of the dataset's band nearest in
+  central wavelength, after normalisation. That is what MMEarth's own GEO-Bench code does
+  (MMEarth-train `BAND_NAMES_v1_full.json`: m-so2sat, which lacks B1 and B9, feeds "02 - Blue"
+  twice and "08A" twice). `fill="zero"` fills with zeros instead (the band mean after
+  z-scoring). If fewer than half of the encoder's bands are present, `load` raises.
+
+  Two departures from MMEarth-train, both on purpose: channels are matched by name, so B8A and
+  B8 land where the encoder expects them (MMEarth-train feeds GEO-Bench's order, B8 then B8A,
+  to an encoder pretrained on B8A then B8); and the published GEO-Bench m-eurosat and
+  m-brick-kiln, whose stored band names do not match their channels (geo-bench issues #28
+  and #29), are corrected (`GEOBENCH_BAND_FIXES`; `fix_band_names=False` reads the names as
+  stored, which is what MMEarth-train saw).
+
+Normalisation:
+  geobench  z-score with the task's `band_stats.json` (mean, std per stored band name); for
+            m-so2sat, whose stats are in reflectance x 1e4 while its pixels are reflectance,
+            the stats are divided by 1e4 first (as MMEarth-train does; `GEOBENCH_STATS_SCALE`).
+  tfds      z-score with per-channel mean / std of the TRAIN split, from at most
+            `TFDS_STATS_EXAMPLES` evenly spaced examples, cached per (dataset, data_dir).
+  mmearth   exactly the training pipeline's z-score (`pipeline.Transform`): manifest band
+            stats by the tile's S2_type, no-data pixels set to 0.
+  NaN or inf after normalisation becomes 0. A band with std 0 is only centred.
+
+`image_size`: geobench and tfds images are resized (bilinear, antialiased when shrinking,
+half-pixel centres, edge-clamped: like `jax.image.resize(method="linear")`); mmearth tiles are
+centre-cropped. Memory: the whole split is held as float32, e.g. m-bigearthnet's 20k train
+images at 120 px with 12 bands are 14 GB; pass `image_size` or `max_examples` to bound it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from mmearth_jax.data import modalities as M
+from mmearth_jax.eval import geobench_format as G
+from mmearth_jax.eval.geobench_format import write_geobench_sample  # noqa: F401 (public API)
+
+
+class EvalDataError(ValueError):
+  """A downstream dataset cannot be loaded as asked; the message names the file or key."""
+
+
+@dataclasses.dataclass
+class EvalData:
+  images: np.ndarray  # float32 (N, H, W, C), channels in the encoder's band order, normalised
+  labels: np.ndarray  # int64 (N,) single-label; float32 multi-hot (N, K) if multilabel
+  num_classes: int
+  multilabel: bool
+  class_names: list[str] | None
+  name: str  # e.g. "m-eurosat/train"
+  mapping: BandMapping | None = None  # how dataset channels became encoder channels
+
+
+# Central wavelengths (nm) of the Sentinel-2 bands: "nearest band" for filling a missing one.
+S2_WAVELENGTH_NM = {"B1": 443, "B2": 490, "B3": 560, "B4": 665, "B5": 705, "B6": 740, "B7": 783,
+                    "B8": 842, "B8A": 865, "B9": 945, "B10": 1375, "B11": 1610, "B12": 2190}
+FILL_NEAREST = "nearest"
+FILL_ZERO = "zero"
+
+
+@dataclasses.dataclass(frozen=True)
+class BandMapping:
+  """Where each encoder channel comes from.
+
+  Attributes:
+    encoder_bands: the encoder's input bands, in its order.
+    dataset_bands: the MMEarth name of each dataset channel (None: not a Sentinel-2 band).
+    indices: for each encoder band, the dataset channel copied into it; None = zeros.
+    present: encoder bands the dataset has.
+    filled: encoder bands the dataset lacks -> the dataset band copied in (None: zeros).
+    dropped: dataset channels the encoder does not use (their MMEarth name, or "#<index>").
+  """
+  encoder_bands: tuple[str, ...]
+  dataset_bands: tuple[str | None, ...]
+  indices: tuple[int | None, ...]
+  present: tuple[str, ...]
+  filled: dict[str, str | None]
+  dropped: tuple[str, ...]
+
+  @property
+  def used(self) -> list[int]:
+    """Dataset channels that are read, ascending."""
+    return sorted({i for i in self.indices if i is not None})
+
+  def apply(self, x: np.ndarray) -> np.ndarray:
+    """(..., C_dataset) -> (..., C_encoder) float32, missing bands per the fill rule."""
+    out = np.zeros(x.shape[:-1] + (len(self.indices),), np.float32)
+    for k, i in enumerate(self.indices):
+      if i is not None:
+        out[..., k] = x[..., i]
+    return out
+
+  def describe(self) -> str:
+    parts = [f"{len(self.present)}/{len(self.encoder_bands)} encoder bands present"]
+    if self.filled:
+      parts.append("filled: " + ", ".join(f"{b}<-{s or 'zeros'}" for b, s in self.filled.items()))
+    if self.dropped:
+      parts.append("dropped: " + ", ".join(self.dropped))
+    return "; ".join(parts)
+
+
+def band_mapping(dataset_bands: Sequence[str | None], encoder_bands: Sequence[str], *,
+                 fill: str = FILL_NEAREST, dataset: str = "dataset") -> BandMapping:
+  """Maps dataset channels (MMEarth band names, None for non-Sentinel-2 channels) onto the
+  encoder's bands; see the module docstring for the rule. Raises `EvalDataError` if fewer than
+  half of the encoder's bands are present, naming `dataset` and the missing bands."""
+  if fill not in (FILL_NEAREST, FILL_ZERO):
+    raise EvalDataError(f"fill must be {FILL_NEAREST!r} or {FILL_ZERO!r}, got {fill!r}")
+  unknown = [b for b in encoder_bands if b not in S2_WAVELENGTH_NM]
+  if unknown or not encoder_bands:
+    raise EvalDataError(f"encoder bands {unknown or list(encoder_bands)} are not Sentinel-2 band "
+                        f"names; use MMEarth names {list(M.S2_BANDS)}")
+  where: dict[str, int] = {}
+  for i, b in enumerate(dataset_bands):
+    if b is not None and b not in where:  # first occurrence wins (a repeated band is dropped)
+      where[b] = i
+  present = tuple(b for b in encoder_bands if b in where)
+  missing = [b for b in encoder_bands if b not in where]
+  if 2 * len(present) < len(encoder_bands):
+    raise EvalDataError(
+        f"{dataset}: has only {len(present)} of the encoder's {len(encoder_bands)} bands "
+        f"(missing {missing}; the dataset's bands are "
+        f"{[b for b in dataset_bands if b is not None] or 'none that are Sentinel-2'}); "
+        "fewer than half present is refused")
+  indices: list[int | None] = []
+  filled: dict[str, str | None] = {}
+  for b in encoder_bands:
+    if b in where:
+      indices.append(where[b])
+    elif fill == FILL_ZERO:
+      indices.append(None)
+      filled[b] = None
+    else:
+      # Nearest present band in wavelength; ties go to the shorter wavelength.
+      src = min(where, key=lambda s: (abs(S2_WAVELENGTH_NM[s] - S2_WAVELENGTH_NM[b]),
+                                      S2_WAVELENGTH_NM[s]))
+      indices.append(where[src])
+      filled[b] = src
+  used = {i for i in indices if i is not None}
+  dropped = tuple(b if b is not None else f"#{i}" for i, b in enumerate(dataset_bands)
+                  if i not in used)
+  return BandMapping(tuple(encoder_bands), tuple(dataset_bands), tuple(indices), present, filled,
+                     dropped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers.
+
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) linear-interpolation weights: half-pixel centres, triangle kernel widened by
+  the shrink factor when downsampling (antialiasing), weights renormalised at the edges."""
+  scale = n_out / n_in
+  centres = (np.arange(n_out) + 0.5) / scale - 0.5
+  radius = max(1.0, 1.0 / scale)
+  w = np.maximum(0.0, 1.0 - np.abs(np.arange(n_in)[None, :] - centres[:, None]) / radius)
+  return (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+
+def resize(x: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of (H, W, C) or (H, W) to `size` (see `resize_matrix`)."""
+  h, w = (size, size) if isinstance(size, int) else size
+  if x.shape[:2] == (h, w):
+    return x.astype(np.float32, copy=False)
+  a, b = resize_matrix(x.shape[0], h), resize_matrix(x.shape[1], w)
+  x = x.astype(np.float32, copy=False)
+  if x.ndim == 2:
+    return a @ x @ b.T
+  return np.einsum("oh,hwc,pw->opc", a, x, b, optimize=True)
+
+
+def _center_crop(x: np.ndarray, size: int) -> np.ndarray:
+  h, w = x.shape[:2]
+  top, left = (h - size) // 2, (w - size) // 2
+  return x[top:top + size, left:left + size]
+
+
+def _zscore_params(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, 1/std) with degenerate entries made harmless (std 0/NaN: only centre)."""
+  mean = np.asarray(mean, np.float64)
+  std = np.asarray(std, np.float64)
+  ok = np.isfinite(std) & (std > 0)
+  mean = np.where(np.isfinite(mean), mean, 0.0)
+  inv = np.where(ok, 1.0 / np.where(ok, std, 1.0), 1.0)
+  return mean.astype(np.float32), inv.astype(np.float32)
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+  return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0, copy=False)
+
+
+def _resolve(path: str, data_dir: str | None) -> str:
+  return os.path.join(data_dir, path) if data_dir and not os.path.isabs(path) else path
+
+
+def _check_size(image_size: int | None) -> None:
+  if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size < 1):
+    raise EvalDataError(f"image_size must be a positive int or None, got {image_size!r}")
+
+
+def load(dataset: str, split: str, bands: Sequence[str], *, data_dir: str | None = None,
+         partition: str = "default", max_examples: int | None = None,
+         image_size: int | None = None, fill: str = FILL_NEAREST,
+         fix_band_names: bool = True) -> EvalData:
+  """One split of a downstream dataset, in the encoder's band order (see the module docstring).
+
+  Args:
+    dataset: "geobench:<task folder>", "tfds:<name>" or "mmearth:<shards folder>".
+    split: geobench "train" / "valid" (or "val") / "test"; TFDS any split string of the prepared
+      dataset ("train", "train[:80%]"); mmearth "train" / "test".
+    bands: the encoder's input bands, MMEarth Sentinel-2 names.
+    data_dir: base folder for a relative path (geobench, mmearth) or the TFDS data_dir.
+    partition: GEO-Bench partition, e.g. "default" or "0.01x_train" (`<name>_partition.json`).
+    max_examples: keep the first this many examples of the split.
+    image_size: resize (geobench, tfds) or centre-crop (mmearth) to this size.
+    fill: how an encoder band the dataset lacks is filled, "nearest" (MMEarth) or "zero".
+    fix_band_names: correct GEO-Bench tasks published with wrong band names.
+  """
+  _check_size(image_size)
+  if max_examples is not None and max_examples < 1:
+    raise EvalDataError(f"max_examples must be positive or None, got {max_examples}")
+  kind, sep, target = dataset.partition(":")
+  if not sep or not target:
+    raise EvalDataError(f"dataset {dataset!r}: expected geobench:<task folder>, tfds:<name> or "
+                        "mmearth:<shards folder>")
+  bands = tuple(bands)
+  if kind == "geobench":
+    return _load_geobench(_resolve(target, data_dir), split, bands, partition, max_examples,
+                          image_size, fill, fix_band_names)
+  if kind == "tfds":
+    return _load_tfds(target, split, bands, data_dir, max_examples, image_size, fill)
+  if kind == "mmearth":
+    return _load_mmearth(_resolve(target, data_dir), split, bands, max_examples, image_size, fill)
+  raise EvalDataError(f"dataset {dataset!r}: unknown prefix {kind!r}; use geobench:, tfds: or "
+                      "mmearth:")
+
+
+# ---------------------------------------------------------------------------------------------
+# GEO-Bench.
+
+# Published tasks whose stored band names do not name their channels: stored name -> the
+# Sentinel-2 band the channel really holds (None: not a Sentinel-2 band).
+#   m-eurosat: geobench wrote EuroSAT's channels (B1..B12, then B8A: EuroSAT issue #7, torchgeo
+#     PR #2480) under B1..B8, B8A, B9..B12 (geo-bench issue #28).
+#   m-brick-kiln: the source exports B1, B2, B3, B4, B5, B7, B8A, B8, B11, B12, TCI_R, TCI_G,
+#     TCI_B, stored as the 13 Sentinel-2 names in order (geo-bench issue #29).
+GEOBENCH_BAND_FIXES: dict[str, dict[str, str | None]] = {
+    "m-eurosat": {"08A - Vegetation Red Edge": "B9", "09 - Water vapour": "B10",
+                  "10 - SWIR - Cirrus": "B11", "11 - SWIR": "B12", "12 - SWIR": "B8A"},
+    "m-brick-kiln": {"06 - Vegetation Red Edge": "B7", "07 - Vegetation Red Edge": "B8A",
+                     "08 - NIR": "B8", "08A - Vegetation Red Edge": "B11",
+                     "09 - Water vapour": "B12", "10 - SWIR - Cirrus": None, "11 - SWIR": None,
+                     "12 - SWIR": None},
+}
+# Tasks whose band_stats.json is in other units than their Sentinel-2 pixels: stats x factor.
+# m-so2sat: pixels are reflectance (0..~3), stats reflectance x 1e4 (MMEarth-train
+# geobenchdataset.py divides them by 1e4). Applied only while the stats still look x 1e4.
+GEOBENCH_STATS_SCALE = {"m-so2sat": 1e-4}
+# Class counts of the GEO-Bench classification tasks, when task_specs.pkl cannot be read.
+GEOBENCH_NUM_CLASSES = {"m-eurosat": 10, "m-bigearthnet": 43, "m-so2sat": 17, "m-brick-kiln": 2,
+                        "m-pv4ger": 2, "m-forestnet": 12}
+_SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
+_S2_PREFIX = re.compile(r"^\s*(?:B)?0?(\d{1,2})(A?)\b(?:\s*-.*)?$", re.IGNORECASE)
+_RGB = {"red": "B4", "green": "B3", "blue": "B2"}
+
+
+def geobench_band_name(name: str, info_class: str | None = None) -> str | None:
+  """The MMEarth band of a GEO-Bench band (None: not a Sentinel-2 band).
+
+  Sentinel-2 bands are recognised by their number ("08A - Vegetation Red Edge", "B8A", "8A");
+  the plain "Red" / "Green" / "Blue" of RGB tasks map to B4 / B3 / B2. Bands whose pickled
+  class says another sensor (Sentinel1, Landsat8, ...) are not Sentinel-2 even when numbered.
+  """
+  if info_class is not None and info_class not in ("Sentinel2", "SpectralBand", "BandInfo"):
+    return None
+  if name.lower() in _RGB:
+    return _RGB[name.lower()]
+  if info_class != "Sentinel2" and name not in G.GEOBENCH_S2 and (
+      "VV" in name or "VH" in name or "HH" in name or "HV" in name):
+    return None
+  m = _S2_PREFIX.match(name)
+  if not m:
+    return None
+  band = f"B{int(m.group(1))}{m.group(2).upper()}"
+  return band if band in S2_WAVELENGTH_NM else None
+
+
+def _load_json(path: str, what: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise EvalDataError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def _geobench_partition(folder: str, partition: str, split: str) -> list[str]:
+  path = os.path.join(folder, f"{partition}_partition.json")
+  if not os.path.exists(path):
+    have = sorted(f[:-len("_partition.json")] for f in os.listdir(folder)
+                  if f.endswith("_partition.json"))
+    raise EvalDataError(f"{path}: partition file missing (partitions here: {have or 'none'})")
+  parts = _load_json(path, "partition")
+  key = _SPLIT_ALIASES.get(split, split)
+  if not isinstance(parts, dict) or key not in parts:
+    raise EvalDataError(f"{path}: no split {split!r} (has "
+                        f"{sorted(parts) if isinstance(parts, dict) else 'no splits'})")
+  names = parts[key]
+  if not names:
+    raise EvalDataError(f"{path}: split {key!r} is empty")
+  return list(names)
+
+
+def _open_sample(folder: str, name: str, split: str, partition: str):
+  path = os.path.join(folder, f"{name}.hdf5")
+  if not os.path.exists(path):
+    raise EvalDataError(f"{path}: sample {name!r} is listed in split {split!r} of "
+                        f"{partition}_partition.json but its file is missing")
+  try:
+    return path, h5py.File(path, "r")
+  except OSError as e:
+    raise EvalDataError(f"{path}: cannot open as HDF5 (truncated or corrupt?): {e}") from None
+
+
+def _geobench_labels_info(folder: str, task: str, partition: str, first_label) -> dict:
+  """num_classes / class_names / multilabel: task_specs.pkl, else the samples themselves."""
+  specs = G.read_task_specs(folder)
+  multilabel = not isinstance(first_label, int)
+  if specs is not None and specs["label_type"] == "SemanticSegmentation":
+    raise EvalDataError(f"{folder}: a segmentation task; only classification is supported")
+  if specs is not None and specs["multilabel"] == multilabel:
+    return specs
+  if multilabel:
+    return {"num_classes": int(first_label.shape[0]), "class_names": None, "multilabel": True}
+  if task in GEOBENCH_NUM_CLASSES:
+    return {"num_classes": GEOBENCH_NUM_CLASSES[task], "class_names": None, "multilabel": False}
+  # Unknown task without readable specs: the largest label over every split of the partition.
+  top = 0
+  parts = _load_json(os.path.join(folder, f"{partition}_partition.json"), "partition")
+  for split, names in parts.items():
+    for name in names:
+      path, f = _open_sample(folder, name, split, partition)
+      with f:
+        top = max(top, int(G.sample_label(path, f, G.read_attrs(f))))
+  return {"num_classes": top + 1, "class_names": None, "multilabel": False}
+
+
+def _load_geobench(folder: str, split: str, bands: tuple[str, ...], partition: str,
+                   max_examples: int | None, image_size: int | None, fill: str,
+                   fix_band_names: bool) -> EvalData:
+  folder = os.path.normpath(folder)
+  if not os.path.isdir(folder):
+    raise EvalDataError(f"{folder}: GEO-Bench task folder not found")
+  task = os.path.basename(folder)
+  names = _geobench_partition(folder, partition, split)
+  if max_examples:
+    names = names[:max_examples]
+  stats_path = os.path.join(folder, "band_stats.json")
+  if not os.path.exists(stats_path):
+    raise EvalDataError(f"{stats_path}: missing (the task's per-band normalisation statistics)")
+  band_stats = _load_json(stats_path, "band_stats")
+  fixes = GEOBENCH_BAND_FIXES.get(task, {}) if fix_band_names else {}
+
+  path, f = _open_sample(folder, names[0], split, partition)
+  with f:
+    attrs = G.read_attrs(f)
+    channels = G.sample_bands(f, attrs)
+    first_label = G.sample_label(path, f, attrs)
+  ds_names = [c[0] for c in channels]
+  band_names = [c[1] for c in channels]
+  mmearth = [fixes[b] if b in fixes else geobench_band_name(b, k) for _, b, k in channels]
+  mapping = band_mapping(mmearth, bands, fill=fill, dataset=f"{folder} (bands {band_names})")
+  info = _geobench_labels_info(folder, task, partition, first_label)
+
+  # Normalisation of the channels that are read.
+  mean = np.zeros(len(channels), np.float64)
+  std = np.ones(len(channels), np.float64)
+  for i in mapping.used:
+    st = band_stats.get(band_names[i]) if isinstance(band_stats, dict) else None
+    if not isinstance(st, dict) or "mean" not in st or "std" not in st:
+      raise EvalDataError(f"{stats_path}: no mean/std for band {band_names[i]!r} (has "
+                          f"{sorted(band_stats) if isinstance(band_stats, dict) else 'nothing'})")
+    mean[i], std[i] = st["mean"], st["std"]
+  scale = GEOBENCH_STATS_SCALE.get(task)
+  s2_used = [i for i in mapping.used if mmearth[i] is not None]
+  if scale and s2_used and np.median(mean[s2_used]) > 10:  # still in reflectance x 1e4
+    mean[s2_used] *= scale
+    std[s2_used] *= scale
+  mu, inv = _zscore_params(mean, std)
+
+  images, labels = [], []
+  for name in names:
+    path, f = _open_sample(folder, name, split, partition)
+    with f:
+      attrs = G.read_attrs(f)
+      here = [c[0] for c in G.sample_bands(f, attrs)]
+      if here != ds_names:
+        raise EvalDataError(f"{path}: bands {here} differ from the first sample's {ds_names}")
+      raw = {}
+      for i in mapping.used:
+        try:
+          raw[i] = np.asarray(f[ds_names[i]], np.float32)
+        except (OSError, KeyError) as e:
+          raise EvalDataError(f"{path}: cannot read dataset {ds_names[i]!r}: {e}") from None
+        if raw[i].ndim == 3 and raw[i].shape[-1] == 1:
+          raw[i] = raw[i][..., 0]
+        if raw[i].ndim != 2:
+          raise EvalDataError(f"{path}: dataset {ds_names[i]!r} has shape {raw[i].shape}; "
+                              "expected one (H, W) band (time series are not supported)")
+      label = G.sample_label(path, f, attrs)
+    # Bands of different resolutions are brought to the largest grid, as geobench does.
+    h = max(a.shape[0] for a in raw.values())
+    w = max(a.shape[1] for a in raw.values())
+    norm = {i: _finite((resize(a, (h, w)) - mu[i]) * inv[i]) for i, a in raw.items()}
+    x = np.zeros((h, w, len(bands)), np.float32)
+    for k, i in enumerate(mapping.indices):
+      if i is not None:
+        x[..., k] = norm[i]
+    images.append(resize(x, image_size) if image_size else x)
+    if isinstance(label, int) == info["multilabel"]:
+      raise EvalDataError(f"{path}: label {label!r} does not match the task's "
+                          f"{'multi-label' if info['multilabel'] else 'single-label'} type")
+    labels.append(label)
+  return _finish(images, labels, info, f"{task}/{split}", mapping)
+
+
+def _finish(images: list[np.ndarray], labels: list, info: dict, name: str,
+            mapping: BandMapping) -> EvalData:
+  shapes = {im.shape for im in images}
+  if len(shapes) > 1:
+    raise EvalDataError(f"{name}: images of different shapes {sorted(shapes)}; pass image_size")
+  if info["multilabel"]:
+    y = np.stack([np.asarray(v, np.float32) for v in labels])
+    if y.shape[1] != info["num_classes"]:
+      raise EvalDataError(f"{name}: multi-hot labels of length {y.shape[1]}, expected "
+                          f"{info['num_classes']}")
+  else:
+    y = np.asarray(labels, np.int64)
+    bad = y[(y < 0) | (y >= info["num_classes"])]
+    if bad.size:
+      raise EvalDataError(f"{name}: labels {sorted(set(bad.tolist()))[:5]} outside "
+                          f"[0, {info['num_classes']})")
+  return EvalData(np.stack(images).astype(np.float32, copy=False), y, int(info["num_classes"]),
+                  bool(info["multilabel"]), info.get("class_names"), name, mapping)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS.
+
+# EuroSAT's multispectral GeoTIFFs hold B1..B12 then B8A (EuroSAT issue #7; torchgeo PR #2480);
+# TFDS eurosat/all stores the file's channels unchanged.
+EUROSAT_TFDS_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12",
+                      "B8A")
+# So2Sat LCZ42 `sen2`: B2, B3, B4, B5, B6, B7, B8, B8A, B11, B12 (TFDS's rgb config takes
+# channels 2, 1, 0 as R, G, B). Values are reflectance (0..~3).
+SO2SAT_TFDS_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
+# TFDS bigearthnet/all: one feature per band at its native resolution (20, 60 or 120 px).
+BIGEARTHNET_TFDS_KEYS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09",
+                         "B11", "B12")
+RGB_TFDS_BANDS = ("B4", "B3", "B2")
+TFDS_STATS_EXAMPLES = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSpec:
+  keys: tuple[str, ...]  # one image feature (H, W, C), or one feature per band (H, W)
+  bands: tuple[str, ...]  # MMEarth band of each channel
+  label_key: str
+  multilabel: bool
+
+
+def _ben_band(key: str) -> str:
+  return "B8A" if key == "B8A" else f"B{int(key[1:])}"
+
+
+TFDS_DATASETS: dict[str, _TfdsSpec] = {
+    "eurosat/all": _TfdsSpec(("sentinel2",), EUROSAT_TFDS_BANDS, "label", False),
+    "eurosat/rgb": _TfdsSpec(("image",), RGB_TFDS_BANDS, "label", False),
+    "so2sat/all": _TfdsSpec(("sentinel2",), SO2SAT_TFDS_BANDS, "label", False),
+    "so2sat/rgb": _TfdsSpec(("image",), RGB_TFDS_BANDS, "label", False),
+    "bigearthnet/all": _TfdsSpec(BIGEARTHNET_TFDS_KEYS,
+                                 tuple(_ben_band(k) for k in BIGEARTHNET_TFDS_KEYS), "labels",
+                                 True),
+    "bigearthnet/rgb": _TfdsSpec(("image",), RGB_TFDS_BANDS, "labels", True),
+}
+_TFDS_DEFAULT_CONFIG = {"eurosat": "all", "so2sat": "all", "bigearthnet": "all"}
+_TFDS_STATS_CACHE: dict[tuple[str, str | None], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def clear_cache() -> None:
+  """Forgets the cached TFDS train statistics."""
+  _TFDS_STATS_CACHE.clear()
+
+
+def _tfds_name(name: str) -> tuple[str, str, _TfdsSpec]:
+  """(name as given to TFDS, canonical "ds/config", spec). A version suffix passes through."""
+  base, _, version = name.partition(":")
+  ds, _, config = base.partition("/")
+  config = config or _TFDS_DEFAULT_CONFIG.get(ds, "")
+  canon = f"{ds}/{config}"
+  if canon not in TFDS_DATASETS:
+    raise EvalDataError(f"tfds:{name}: unknown TFDS dataset; supported: "
+                        f"{sorted(TFDS_DATASETS)} (a bare name uses its all-bands config)")
+  return canon + (f":{version}" if version else ""), canon, TFDS_DATASETS[canon]
+
+
+def _tfds_source(full: str, split: str, data_dir: str | None):
+  import tensorflow_datasets as tfds  # heavy: only when a TFDS dataset is asked for
+
+  try:
+    return tfds.data_source(full, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # noqa: BLE001 - TFDS raises many types; report one clear message
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "split" in msg.lower() or isinstance(e, (KeyError, ValueError)) and split in msg:
+      raise EvalDataError(f"tfds:{full}: split {split!r} not available ({msg}); TFDS eurosat "
+                          "and bigearthnet only have 'train', so2sat 'train' and 'validation': "
+                          "hold out a slice such as 'train[:80%]' / 'train[80%:]'") from None
+    raise EvalDataError(f"tfds:{full}: cannot open a prepared copy under data_dir "
+                        f"{data_dir or '(TFDS default)'} ({type(e).__name__}: {msg}); prepare it "
+                        "with `tfds build` where TensorFlow is installed") from None
+
+
+def _check_tfds_split(full: str, ds, split: str) -> None:
+  """Raises for a split the prepared dataset does not have (mocked data list no splits)."""
+  have = list(getattr(ds.dataset_info, "splits", {}) or {})
+  base = re.match(r"^\s*([A-Za-z_]+)", split)
+  if have and (base is None or base.group(1) not in have):
+    raise EvalDataError(f"tfds:{full}: no split {split!r} (has {sorted(have)}); hold out a "
+                        "slice such as 'train[:80%]' / 'train[80%:]'")
+
+
+def _tfds_image(ex: dict, spec: _TfdsSpec) -> np.ndarray:
+  if len(spec.keys) == 1:
+    return np.asarray(ex[spec.keys[0]], np.float32)
+  # Per-band features at native resolutions (BigEarthNet: 20/60/120 px) -> the finest grid.
+  arrs = [np.asarray(ex[k], np.float32) for k in spec.keys]
+  h = max(a.shape[0] for a in arrs)
+  w = max(a.shape[1] for a in arrs)
+  return np.stack([resize(a, (h, w)) for a in arrs], axis=-1)
+
+
+def _tfds_label(ex: dict, spec: _TfdsSpec, num_classes: int):
+  y = np.asarray(ex[spec.label_key])
+  if not spec.multilabel:
+    return int(y)
+  hot = np.zeros(num_classes, np.float32)
+  idx = y.astype(np.int64).ravel()
+  hot[idx[(idx >= 0) & (idx < num_classes)]] = 1
+  return hot
+
+
+def _tfds_stats(full: str, spec: _TfdsSpec, data_dir: str | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel (mean, std) over at most TFDS_STATS_EXAMPLES evenly spaced train examples."""
+  key = (full, data_dir)
+  if key not in _TFDS_STATS_CACHE:
+    ds = _tfds_source(full, "train", data_dir)
+    n = len(ds)
+    idx = np.unique(np.linspace(0, n - 1, min(n, TFDS_STATS_EXAMPLES)).round().astype(int))
+    count = 0
+    mean = np.zeros(len(spec.bands))
+    m2 = np.zeros(len(spec.bands))
+    for i in idx:
+      x = _tfds_image(ds[int(i)], spec).reshape(-1, len(spec.bands)).astype(np.float64)
+      x = x[np.isfinite(x).all(1)]
+      if not len(x):
+        continue
+      # Chan et al.'s pairwise update: stable for large reflectance values.
+      nb, mb = len(x), x.mean(0)
+      m2b = ((x - mb) ** 2).sum(0)
+      delta = mb - mean
+      tot = count + nb
+      mean = mean + delta * nb / tot
+      m2 = m2 + m2b + delta ** 2 * count * nb / tot
+      count = tot
+    if count == 0:
+      raise EvalDataError(f"tfds:{full}: the train split has no finite pixels to normalise with")
+    _TFDS_STATS_CACHE[key] = (mean, np.sqrt(m2 / count))
+  return _TFDS_STATS_CACHE[key]
+
+
+def _load_tfds(name: str, split: str, bands: tuple[str, ...], data_dir: str | None,
+               max_examples: int | None, image_size: int | None, fill: str) -> EvalData:
+  full, canon, spec = _tfds_name(name)
+  mapping = band_mapping(spec.bands, bands, fill=fill, dataset=f"tfds:{canon}")
+  ds = _tfds_source(full, split, data_dir)
+  _check_tfds_split(full, ds, split)
+  feature = ds.dataset_info.features[spec.label_key]
+  label_feature = getattr(feature, "feature", feature)  # Sequence(ClassLabel) for multi-label
+  num_classes = int(label_feature.num_classes)
+  class_names = list(label_feature.names) if getattr(label_feature, "names", None) else None
+  mean, std = _tfds_stats(full, spec, data_dir)
+  mu, inv = _zscore_params(mean, std)
+  n = len(ds) if not max_examples else min(len(ds), max_examples)
+  if n == 0:
+    raise EvalDataError(f"tfds:{full}: split {split!r} is empty")
+  images, labels = [], []
+  used = mapping.used
+  for i in range(n):
+    ex = ds[i]
+    x = _tfds_image(ex, spec)
+    z = np.zeros(x.shape[:2] + (len(spec.bands),), np.float32)
+    z[..., used] = _finite((x[..., used] - mu[used]) * inv[used])
+    z = mapping.apply(z)
+    images.append(resize(z, image_size) if image_size else z)
+    labels.append(_tfds_label(ex, spec, num_classes))
+  info = {"num_classes": num_classes, "class_names": class_names, "multilabel": spec.multilabel}
+  return _finish(images, labels, info, f"{canon}/{split}", mapping)
+
+
+# ---------------------------------------------------------------------------------------------
+# MMEarth shards.
+
+MMEARTH_TRAIN_PERCENT = 80
+
+
+def mmearth_split(tile_id: str) -> str:
+  """"train" or "test" for a tile: SHA-256 of its id, first 8 bytes mod 100 < 80 -> train."""
+  h = int.from_bytes(hashlib.sha256(tile_id.encode()).digest()[:8], "big")
+  return "train" if h % 100 < MMEARTH_TRAIN_PERCENT else "test"
+
+
+def _load_mmearth(folder: str, split: str, bands: tuple[str, ...], max_examples: int | None,
+                  image_size: int | None, fill: str) -> EvalData:
+  """Tiles of converted MMEarth shards labelled by their dominant land-cover class.
+
+  Label: the most frequent ESA WorldCover class (11 classes) over the valid pixels of the
+  (cropped) tile; Dynamic World (9 classes) when the shards do not store WorldCover. Tiles with
+  no valid label pixel are skipped. Split: a fixed hash of the tile id, 80 % train / 20 % test
+  (`mmearth_split`); the converter's recorded split is not used because the upstream release
+  puts every tile in "train" (its val / test lists are empty). Images: the Sentinel-2 bands
+  z-scored exactly as the training pipeline does, centre-cropped to `image_size`.
+  """
+  from mmearth_jax.data import pipeline, records  # grain-based: import only when needed
+  from mmearth_jax.data.convert import ConversionError, load_manifest, shard_paths
+
+  if split not in ("train", "test"):
+    raise EvalDataError(f"mmearth:{folder}: split must be 'train' or 'test', got {split!r}")
+  if not os.path.isdir(folder):
+    raise EvalDataError(f"{folder}: MMEarth shards folder not found")
+  try:
+    manifest = load_manifest(folder)
+  except ConversionError as e:
+    raise EvalDataError(str(e)) from None
+  stored = manifest.get("modalities", {})
+  if "sentinel2" not in stored:
+    raise EvalDataError(f"{folder}/manifest.json: the shards do not store 'sentinel2'")
+  label_name = next((n for n in ("esa_worldcover", "dynamic_world") if n in stored), None)
+  if label_name is None:
+    raise EvalDataError(f"{folder}/manifest.json: the shards store neither 'esa_worldcover' nor "
+                        "'dynamic_world', so tiles cannot be labelled")
+  tile = int(manifest["tile_size"])
+  if image_size and image_size > tile:
+    raise EvalDataError(f"mmearth:{folder}: image_size {image_size} exceeds the tile size {tile} "
+                        "(MMEarth tiles are centre-cropped, not resized)")
+  mapping = band_mapping(M.S2_BANDS, bands, fill=fill, dataset=f"mmearth:{folder}")
+  s2 = M.MODALITIES["sentinel2"]
+  # The pipeline's own z-score (stats by S2_type, no-data -> 0): same numbers as training.
+  transform = pipeline.Transform(manifest["band_stats"], bands, {}, image_size or tile)
+  lab = M.MODALITIES[label_name]
+  lut = np.full(np.iinfo(lab.dtype).max + 1, -1, np.int64)
+  for raw, cls in lab.label_map.items():
+    lut[raw] = cls
+  source = pipeline.ShardSource(shard_paths(folder, manifest),
+                                [s["num_records"] for s in manifest["shards"]])
+  images, labels = [], []
+  for r in range(len(source)):
+    arrays, meta = records.decode(source[r])
+    if mmearth_split(meta["tile_id"]) != split:
+      continue
+    x = arrays["sentinel2"]
+    y = lut[arrays[label_name][..., 0]]
+    if image_size:
+      x, y = _center_crop(x, image_size), _center_crop(y, image_size)
+    y = y[y >= 0]
+    if not y.size:
+      continue  # no labelled pixel: nothing to evaluate against
+    z, _ = transform._zscore(s2, x, transform.input_idx, meta["S2_type"])
+    images.append(_finite(z.astype(np.float32, copy=False)))
+    labels.append(int(np.bincount(y, minlength=lab.num_classes).argmax()))
+    if max_examples and len(images) >= max_examples:
+      break
+  if not images:
+    raise EvalDataError(f"mmearth:{folder}: split {split!r} has no labelled tiles")
+  classes = (M.ESA_WORLDCOVER_CLASSES if label_name == "esa_worldcover"
+             else M.DYNAMIC_WORLD_CLASSES)
+  info = {"num_classes": lab.num_classes, "class_names": list(classes), "multilabel": False}
+  stem = manifest.get("source_stem", os.path.basename(os.path.normpath(folder)))
+  return _finish(images, labels, info, f"mmearth:{stem}/{split}", mapping)
+
+
+__all__ = ["EvalData", "EvalDataError", "BandMapping", "band_mapping", "load", "resize",
+           "resize_matrix", "geobench_band_name", "mmearth_split", "write_geobench_sample",
+           "clear_cache", "GEOBENCH_BAND_FIXES", "GEOBENCH_STATS_SCALE", "TFDS_DATASETS",
+           "EUROSAT_TFDS_BANDS", "SO2SAT_TFDS_BANDS", "S2_WAVELENGTH_NM"]

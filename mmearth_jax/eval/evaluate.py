@@ -1,0 +1,82 @@
+"""Frozen-encoder evaluation: features of a train and a test split, then kNN and linear probes.
+
+Used by `mmearth-jax knn` / `mmearth-jax probe` and, every `eval.every_steps`, inside training.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from mmearth_jax import pretrained
+from mmearth_jax.eval import datasets, features, knn, probe
+
+EVALUATORS = ("knn", "linear", "lsq")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `eval` section of a training config: periodic evaluation of the encoder."""
+  c = ml_collections.ConfigDict()
+  c.every_steps = 0  # 0: no evaluation during training
+  c.dataset = ""  # geobench:<task dir> | tfds:<name> | mmearth:<shards> (see eval.datasets)
+  c.data_dir = ""  # TFDS data_dir
+  c.train_split = "train"
+  c.test_split = "test"
+  c.partition = "default"  # GEO-Bench partition (label fraction), e.g. 0.01x_train
+  c.max_examples = 0  # > 0: at most this many examples per split
+  c.image_size = 0  # > 0: resize/crop the images to this size
+  c.evaluators = "knn,lsq"  # any of knn, linear, lsq
+  c.knn_k = (10, 20, 100, 200)
+  c.batch_size = 128
+  return c
+
+
+def parse_evaluators(spec: str | Sequence[str]) -> tuple[str, ...]:
+  names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+  bad = [n for n in names if n not in EVALUATORS]
+  if bad or not names:
+    raise ValueError(f"evaluators {bad or names!r} unknown; choose from {EVALUATORS}")
+  return tuple(names)
+
+
+def load_splits(cfg: ml_collections.ConfigDict | Mapping[str, Any], bands: Sequence[str] | None
+                ) -> tuple[datasets.EvalData, datasets.EvalData]:
+  """The train and test splits of `cfg.dataset` in the encoder's band order."""
+  if not bands:
+    raise ValueError("the encoder does not name its input bands (spec 'bands'); pass them "
+                     "explicitly (e.g. --bands B4,B3,B2)")
+  kw = dict(data_dir=cfg["data_dir"] or None, partition=cfg["partition"],
+            max_examples=cfg["max_examples"] or None, image_size=cfg["image_size"] or None)
+  return (datasets.load(cfg["dataset"], cfg["train_split"], bands, **kw),
+          datasets.load(cfg["dataset"], cfg["test_split"], bands, **kw))
+
+
+def evaluate_features(train_x: np.ndarray, train: datasets.EvalData, test_x: np.ndarray,
+                      test: datasets.EvalData, evaluators: Sequence[str] = ("knn", "lsq"),
+                      ks: Sequence[int] = knn.DEFAULT_KS) -> dict[str, float]:
+  out: dict[str, float] = {}
+  args = (train_x, train.labels, test_x, test.labels, train.num_classes)
+  kw = dict(multilabel=train.multilabel)
+  if "knn" in evaluators:
+    out.update(knn.knn_evaluate(*args, ks=ks, **kw))
+  if "linear" in evaluators:
+    out.update(probe.linear_probe(*args, **kw))
+  if "lsq" in evaluators:
+    out.update(probe.least_squares(*args, **kw))
+  return out
+
+
+def evaluate(spec: Mapping[str, Any], params: Any, train: datasets.EvalData,
+             test: datasets.EvalData, *, evaluators: Sequence[str] = ("knn", "lsq"),
+             ks: Sequence[int] = knn.DEFAULT_KS, batch_size: int = 128, mesh: Mesh | None = None,
+             rules: Any = ()) -> dict[str, float]:
+  """Features of both splits from the encoder in `spec`/`params`, then every evaluator."""
+  fn = pretrained.features_fn(spec)
+  enc = pretrained.encoder_params(spec, params)
+  pretrained.check_images(pretrained.encoder_spec(spec), train.images, train.name)
+  kw = dict(batch_size=batch_size, mesh=mesh, rules=rules)
+  train_x = features.extract(fn, enc, train.images, **kw)
+  test_x = features.extract(fn, enc, test.images, **kw)
+  return evaluate_features(train_x, train, test_x, test, evaluators, ks)
