@@ -7,6 +7,7 @@ whose weighted vote share exceeds one half. All k are scored from one top-k sear
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -31,21 +32,22 @@ def _vote_share(sim: jnp.ndarray, idx: jnp.ndarray, train_targets: jnp.ndarray, 
   return jnp.einsum("qk,qkc->qc", w, train_targets[idx[:, :k]]) / jnp.sum(w, -1, keepdims=True)
 
 
+@functools.partial(jax.jit, static_argnames=("ks", "kmax", "temperature"))
+def _chunk_scores(train, targets, q, ks, kmax, temperature):
+  sim, idx = jax.lax.top_k(normalize(q) @ train.T, kmax)
+  return [_vote_share(sim, idx, targets, min(k, kmax), temperature) for k in ks]
+
+
 def knn_scores(train_features, train_targets, test_features, ks: Sequence[int],
                temperature: float = TEMPERATURE, chunk: int = 1024) -> dict[int, np.ndarray]:
   """{k: (Q, C) vote share per class} for every k; `train_targets` (N, C) one- or multi-hot."""
+  ks = tuple(int(k) for k in ks)
   train = normalize(train_features)
   targets = jnp.asarray(train_targets, jnp.float32)
   kmax = min(max(ks), train.shape[0])
-
-  @jax.jit
-  def scores(q):
-    sim, idx = jax.lax.top_k(normalize(q) @ train.T, kmax)
-    out = []
-    return [_vote_share(sim, idx, targets, min(k, kmax), temperature) for k in ks]
-
   test = np.asarray(test_features, np.float32)
-  parts = [scores(test[i:i + chunk]) for i in range(0, len(test), chunk)]
+  parts = [_chunk_scores(train, targets, test[i:i + chunk], ks, kmax, float(temperature))
+           for i in range(0, len(test), chunk)]
   return {k: np.concatenate([np.asarray(p[j]) for p in parts]) for j, k in enumerate(ks)}
 
 

@@ -7,6 +7,8 @@ regression onto +-1 targets solved exactly; cheap enough to run inside training.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,14 +30,9 @@ def _metrics(logits: np.ndarray, labels: np.ndarray, multilabel: bool, prefix: s
   return {f"{prefix}_top1": accuracy(logits, labels, 1), f"{prefix}_top5": accuracy(logits, labels, 5)}
 
 
-def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int, *,
-                 multilabel: bool = False, l2: float = 1e-3, steps: int = 300) -> dict[str, float]:
-  """Logistic regression on frozen features -> {"probe_top1", "probe_top5"} or {"probe_f1"}."""
-  x, xt = _standardize(train_features, test_features)
-  y = (jnp.asarray(train_labels, jnp.float32) if multilabel
-       else jnp.asarray(one_hot(train_labels, num_classes)))
-  params = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
-
+@functools.partial(jax.jit, static_argnames=("multilabel", "steps"))
+def _fit_logistic(x, y, l2, multilabel: bool, steps: int):
+  """Full-batch L-BFGS on the L2-penalised cross-entropy; one compile per shape."""
   def loss_fn(p):
     logits = x @ p["w"] + p["b"]
     if multilabel:
@@ -47,17 +44,24 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
   opt = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss_fn)
 
-  @jax.jit
-  def fit(p):
-    def step(carry, _):
-      p, s = carry
-      value, grad = value_and_grad(p, state=s)
-      updates, s = opt.update(grad, s, p, value=value, grad=grad, value_fn=loss_fn)
-      return (optax.apply_updates(p, updates), s), value
-    (p, _), _ = jax.lax.scan(step, (p, opt.init(p)), None, length=steps)
-    return p
+  def step(carry, _):
+    p, s = carry
+    value, grad = value_and_grad(p, state=s)
+    updates, s = opt.update(grad, s, p, value=value, grad=grad, value_fn=loss_fn)
+    return (optax.apply_updates(p, updates), s), value
 
-  params = fit(params)
+  p = {"w": jnp.zeros((x.shape[1], y.shape[1])), "b": jnp.zeros((y.shape[1],))}
+  (p, _), _ = jax.lax.scan(step, (p, opt.init(p)), None, length=steps)
+  return p
+
+
+def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int, *,
+                 multilabel: bool = False, l2: float = 1e-3, steps: int = 300) -> dict[str, float]:
+  """Logistic regression on frozen features -> {"probe_top1", "probe_top5"} or {"probe_f1"}."""
+  x, xt = _standardize(train_features, test_features)
+  y = (jnp.asarray(train_labels, jnp.float32) if multilabel
+       else jnp.asarray(one_hot(train_labels, num_classes)))
+  params = _fit_logistic(x, y, jnp.float32(l2), multilabel, steps)
   logits = np.asarray(xt @ params["w"] + params["b"])
   return _metrics(logits, test_labels, multilabel, "probe")
 
