@@ -32,7 +32,6 @@ from mmearth_jax import pretrained
 from mmearth_jax.data import convert, pipeline
 from mmearth_jax.data import modalities as M
 from mmearth_jax.eval import evaluate as eval_lib
-from mmearth_jax.eval import features as features_lib
 from mmearth_jax.models.mp_mae import MPMAE
 from mmearth_jax.objectives.mp_mae import mp_mae_loss
 from mmearth_jax.parallel import mesh as mesh_lib
@@ -380,9 +379,8 @@ def _make_evaluator(config: ml_collections.ConfigDict, input_bands, mesh, log
   def run(params) -> dict:
     kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=config.mesh.rules,
               min_size=config.mesh.fsdp_min_size)
-    enc = pretrained.encoder_params(spec, params)
-    train_x = features_lib.extract(fn, enc, train_split.images, **kw)
-    test_x = features_lib.extract(fn, enc, test_split.images, **kw)
+    train_x, test_x = eval_lib.split_features(fn, pretrained.encoder_params(spec, params),
+                                              train_split, test_split, **kw)
     return eval_lib.evaluate_features(train_x, train_split, test_x, test_split, evaluators,
                                       tuple(ec.knn_k))
   return run

@@ -68,6 +68,16 @@ def evaluate_features(train_x: np.ndarray, train: datasets.EvalData, test_x: np.
   return out
 
 
+def split_features(fn, params: Any, train: datasets.EvalData, test: datasets.EvalData,
+                   **kw) -> tuple[np.ndarray, np.ndarray]:
+  """Features of both splits in one pass (one parameter placement, one compiled shape)."""
+  if train.images.shape[1:] != test.images.shape[1:]:
+    return (features.extract(fn, params, train.images, **kw),
+            features.extract(fn, params, test.images, **kw))
+  both = features.extract(fn, params, np.concatenate([train.images, test.images]), **kw)
+  return both[:len(train.images)], both[len(train.images):]
+
+
 def evaluate(spec: Mapping[str, Any], params: Any, train: datasets.EvalData,
              test: datasets.EvalData, *, evaluators: Sequence[str] = ("knn", "lsq"),
              ks: Sequence[int] = knn.DEFAULT_KS, batch_size: int = 128, mesh: Mesh | None = None,
@@ -76,7 +86,6 @@ def evaluate(spec: Mapping[str, Any], params: Any, train: datasets.EvalData,
   fn = pretrained.features_fn(spec)
   enc = pretrained.encoder_params(spec, params)
   pretrained.check_images(pretrained.encoder_spec(spec), train.images, train.name)
-  kw = dict(batch_size=batch_size, mesh=mesh, rules=rules)
-  train_x = features.extract(fn, enc, train.images, **kw)
-  test_x = features.extract(fn, enc, test.images, **kw)
+  train_x, test_x = split_features(fn, enc, train, test, batch_size=batch_size, mesh=mesh,
+                                   rules=rules)
   return evaluate_features(train_x, train, test_x, test, evaluators, ks)
