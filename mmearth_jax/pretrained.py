@@ -14,6 +14,10 @@ A spec is a JSON-able description of the architecture, one of
   {"arch": "vit", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans",
    "img_size", "bands"}
   {"arch": "mae", <the vit keys>, "decoder_embed_dim", "decoder_depth", "decoder_num_heads"}
+  {"arch": "scale_mae", <the mae keys>, "fcn_dim", "fcn_layers", "independent_fcn_head",
+   "progressive", "out_chans", "pos_layout"}
+A ViT's optional "pos_layout" ("concat", MAE's and the released Scale-MAE's; or "interleave", the
+Scale-MAE paper's) orders its sin-cos channels.
 `bands` names the encoder's input channels in order (MMEarth band names), or None if unknown.
 Only parameters are read from a training checkpoint (a partial restore: no optimizer state).
 """
@@ -35,11 +39,14 @@ import orbax.checkpoint as ocp
 from mmearth_jax.data import modalities as M
 from mmearth_jax.models.convnextv2 import VARIANTS, ConvNeXtV2
 from mmearth_jax.models.mp_mae import MPMAE
-from mmearth_jax.models.vit import MAE, ViT
+from mmearth_jax.models.scale_mae import ScaleMAE
+from mmearth_jax.models.vit import MAE, VIT_VARIANTS, ViT
 
 FORMAT = "mmearth_jax.model/1"
 ENCODER_ARCHS = ("convnextv2", "vit")
-ARCHS = ("convnextv2", "mp_mae", "vit", "mae")
+ARCHS = ("convnextv2", "mp_mae", "vit", "mae", "scale_mae")
+_VIT_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans", "img_size",
+             "bands", "pos_layout")
 
 
 class CheckpointError(ValueError):
@@ -64,6 +71,8 @@ class Pretrained:
 def spec_from_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
   """The spec of the model a training config builds."""
   c = config if isinstance(config, Mapping) else config.to_dict()
+  if c.get("method") == "scale_mae":
+    return _scale_mae_spec(c)
   if c.get("method") != "mp_mae":
     raise CheckpointError(f"config method {c.get('method')!r}: no model spec known for it")
   m, d = c["model"], c["data"]
@@ -76,6 +85,29 @@ def spec_from_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> d
           "outputs": {k: list(v) for k, v in outputs.items()}}
 
 
+def _scale_mae_spec(c: Mapping[str, Any]) -> dict:
+  m, d = c["model"], c["data"]
+  size = VIT_VARIANTS[m["variant"]]
+  if d.get("images"):
+    bands = ["B4", "B3", "B2"] if len(d["mean"]) == 3 else None
+    in_chans = len(d["mean"])
+  else:
+    bands = list(M.resolve_input(d["input"]))
+    in_chans = len(bands)
+  return {"arch": "scale_mae", "patch_size": int(m["patch_size"]),
+          "embed_dim": int(m["embed_dim"] or size["embed_dim"]),
+          "depth": int(m["depth"] or size["depth"]),
+          "num_heads": int(m["num_heads"] or size["num_heads"]), "mlp_ratio": 4.0,
+          "in_chans": in_chans, "img_size": int(d["scale"]["input_size"]), "bands": bands,
+          "decoder_embed_dim": int(m["decoder_embed_dim"]),
+          "decoder_depth": int(m["decoder_depth"]),
+          "decoder_num_heads": int(m["decoder_num_heads"]), "fcn_dim": int(m["fcn_dim"]),
+          "fcn_layers": int(m["fcn_layers"]),
+          "independent_fcn_head": bool(m["independent_fcn_head"]),
+          "progressive": bool(m["progressive"]), "out_chans": in_chans,
+          "pos_layout": "concat" if m["pos_variant"] == "code" else "interleave"}
+
+
 def encoder_spec(spec: Mapping[str, Any]) -> dict:
   """The spec of the encoder inside `spec` (itself if it is an encoder)."""
   arch = spec["arch"]
@@ -84,15 +116,13 @@ def encoder_spec(spec: Mapping[str, Any]) -> dict:
   if arch == "mp_mae":
     keep = ("depths", "dims", "stem", "patch_size", "in_chans", "bands")
     return {"arch": "convnextv2", **{k: spec[k] for k in keep}, "num_classes": 0}
-  if arch == "mae":
-    keep = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans", "img_size",
-            "bands")
-    return {"arch": "vit", **{k: spec[k] for k in keep if k in spec}}
+  if arch in ("mae", "scale_mae"):
+    return {"arch": "vit", **{k: spec[k] for k in _VIT_KEYS if k in spec}}
   raise CheckpointError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 
 def encoder_params(spec: Mapping[str, Any], params: Mapping) -> Mapping:
-  return params["encoder"] if spec["arch"] in ("mp_mae", "mae") else params
+  return params["encoder"] if spec["arch"] in ("mp_mae", "mae", "scale_mae") else params
 
 
 def build(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32):
@@ -105,24 +135,35 @@ def build(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32):
       return ConvNeXtV2(**common, num_classes=int(spec.get("num_classes", 0)))
     return MPMAE(outputs={k: tuple(v) for k, v in spec["outputs"].items()},
                  decoder_dim=int(spec["decoder_dim"]), **common)
-  if arch in ("vit", "mae"):
+  if arch in ("vit", "mae", "scale_mae"):
     common = dict(patch_size=int(spec["patch_size"]), embed_dim=int(spec["embed_dim"]),
                   depth=int(spec["depth"]), num_heads=int(spec["num_heads"]),
                   mlp_ratio=float(spec.get("mlp_ratio", 4.0)), dtype=dtype)
     if arch == "vit":
-      return ViT(**common)
+      return ViT(**common, pos_layout=spec.get("pos_layout", "concat"))
+    if arch == "scale_mae":
+      return ScaleMAE(decoder_embed_dim=int(spec["decoder_embed_dim"]),
+                      decoder_depth=int(spec["decoder_depth"]),
+                      decoder_num_heads=int(spec["decoder_num_heads"]),
+                      fcn_dim=int(spec["fcn_dim"]), fcn_layers=int(spec["fcn_layers"]),
+                      independent_fcn_head=bool(spec["independent_fcn_head"]),
+                      progressive=bool(spec.get("progressive", False)),
+                      out_chans=int(spec.get("out_chans", 0)),
+                      pos_variant="paper" if spec.get("pos_layout") == "interleave" else "code",
+                      **common)
     return MAE(decoder_embed_dim=int(spec["decoder_embed_dim"]),
                decoder_depth=int(spec["decoder_depth"]),
                decoder_num_heads=int(spec["decoder_num_heads"]), **common)
   raise CheckpointError(f"spec arch {arch!r} is unknown; choose from {ARCHS}")
 
 
-def features_fn(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
+def features_fn(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32, gsd: float | None = None
                 ) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
   """(encoder params, images (N, H, W, C)) -> (N, D) embeddings.
 
   ConvNeXt V2: LayerNorm of the global average pool (the reference's `forward_features`);
-  ViT: the CLS token after the final norm (MAE's and Scale-MAE's kNN features).
+  ViT: the CLS token after the final norm (MAE's and Scale-MAE's kNN features). `gsd` is the
+  ViT's position-grid scale (Scale-MAE's GSD ratio; None = 1, plain MAE).
   """
   enc = encoder_spec(spec)
   model = build(enc, dtype)
@@ -131,7 +172,8 @@ def features_fn(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32
       return model.apply({"params": params}, images, method="features").astype(jnp.float32)
   else:
     def fn(params, images):
-      return model.apply({"params": params}, images)[:, 0].astype(jnp.float32)
+      out = model.apply({"params": params}, images, pos_scale=None if gsd is None else float(gsd))
+      return out[:, 0].astype(jnp.float32)
   return fn
 
 

@@ -9,6 +9,11 @@ the order of a flattened patch-embedding conv; with `cls_token` a zero row comes
 
 Scale-MAE multiplies the grid coordinates by r = GSD / reference GSD; `scale` does that, either
 one number for all samples or an (N,) array giving an (N, L, D) embedding.
+
+`layout="interleave"` is the Scale-MAE paper's Eq. 1 as printed (Transformer style: sin at even,
+cos at odd channels within each axis's half) instead of the released code's (and MAE's)
+concatenated [sin | cos]. The two hold the same numbers in a different channel order: a network
+learns the same thing from either, but weights trained with one do not fit the other.
 """
 from __future__ import annotations
 
@@ -29,8 +34,19 @@ def _grid(grid_h: int, grid_w: int) -> tuple[np.ndarray, np.ndarray]:
   return cols.reshape(-1), rows.reshape(-1)
 
 
+LAYOUTS = ("concat", "interleave")
+
+
+def interleave_order(embed_dim: int) -> np.ndarray:
+  """Channel order taking the concat layout to the interleaved one: out[..., j] = in[..., order[j]]."""
+  q = embed_dim // 4
+  half = np.stack([np.arange(q), q + np.arange(q)], axis=1).reshape(-1)  # sin0, cos0, sin1, ...
+  return np.concatenate([half, 2 * q + half])
+
+
 def sincos_2d(embed_dim: int, grid_h: int, grid_w: int, *,
-              scale: float | jnp.ndarray = 1.0, cls_token: bool = False) -> jnp.ndarray:
+              scale: float | jnp.ndarray = 1.0, cls_token: bool = False,
+              layout: str = "concat") -> jnp.ndarray:
   """MAE's 2-D sin-cos position embedding for a (grid_h, grid_w) patch grid, in float32.
 
   Returns (L, D) with L = grid_h * grid_w (+1 with `cls_token`, a leading zero row). A Python
@@ -39,12 +55,17 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int, *,
   """
   if embed_dim % 4:
     raise ValueError(f"embed_dim={embed_dim} must be divisible by 4 (sin and cos of two axes)")
+  if layout not in LAYOUTS:
+    raise ValueError(f"position-encoding layout {layout!r}; choose from {LAYOUTS}")
   omega = _omega(embed_dim)
   cols, rows = _grid(grid_h, grid_w)
+  order = interleave_order(embed_dim) if layout == "interleave" else None
 
   if isinstance(scale, (int, float)):
     out = np.concatenate([_embed_1d(cols * scale, omega, np), _embed_1d(rows * scale, omega, np)],
                          axis=-1)
+    if order is not None:
+      out = out[..., order]
     if cls_token:
       out = np.concatenate([np.zeros((1, embed_dim)), out], axis=0)
     return jnp.asarray(out, jnp.float32)
@@ -56,6 +77,8 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int, *,
   s = scale[..., None]  # (N, 1) or (1,): broadcasts against the L positions
   out = jnp.concatenate([_embed_1d(s * jnp.asarray(cols, jnp.float32), omega32, jnp),
                          _embed_1d(s * jnp.asarray(rows, jnp.float32), omega32, jnp)], axis=-1)
+  if order is not None:
+    out = out[..., order]
   if cls_token:
     zeros = jnp.zeros(out.shape[:-2] + (1, embed_dim), out.dtype)
     out = jnp.concatenate([zeros, out], axis=-2)

@@ -194,6 +194,7 @@ class ViT(nn.Module):
   dtype: Dtype = jnp.float32
   token_impl: str = "auto"  # gather implementation, see ops.masked_tokens
   remat: bool = False  # recompute block activations in the backward pass (saves memory)
+  pos_layout: str = "concat"  # sin-cos channel order, see models.posenc
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, ids_keep: jnp.ndarray | None = None,
@@ -212,7 +213,8 @@ class ViT(nn.Module):
                 dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed")(images)
     x = x.reshape(n, gh * gw, d)  # row-major patches, as torch's flatten(2).transpose(1, 2)
 
-    pos = sincos_2d(d, gh, gw, scale=1.0 if pos_scale is None else pos_scale, cls_token=True)
+    pos = sincos_2d(d, gh, gw, scale=1.0 if pos_scale is None else pos_scale, cls_token=True,
+                    layout=self.pos_layout)
     pos = pos.astype(self.dtype)
     x = x + pos[..., 1:, :]  # before the gather, so each kept token keeps its own position
     if ids_keep is not None:
