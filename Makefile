@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := data/demo
 
-.PHONY: demo test bench clean help
+.PHONY: demo demo-scale-mae test bench clean help
 
 help:
 	@echo "make demo   build the built-in sample, convert it, and pretrain MP-MAE atto on it (CPU)"
+	@echo "make demo-scale-mae  pretrain a small Scale-MAE on the same sample (CPU)"
 	@echo "make test   run the test suite"
 	@echo "make bench  run the benchmarks in benchmarks/"
 
@@ -30,6 +31,14 @@ demo: $(STAMP)
 	rm -f $(DEMO)/mp_mae_atto.pth
 	$(BIN)/mmearth-jax to-torch --checkpoint $(DEMO)/run --layout mmearth \
 	    --out $(DEMO)/mp_mae_atto.pth --check mmearth:$(DEMO)/shards
+
+demo-scale-mae: $(STAMP)
+	test -f $(DEMO)/shards/manifest.json || { \
+	    $(BIN)/mmearth-jax synth --out $(DEMO)/h5 --n 256 --size 64 --seed 0 && \
+	    $(BIN)/mmearth-jax convert --src $(DEMO)/h5 --out $(DEMO)/shards --shards 8 --workers 2; }
+	rm -rf $(DEMO)/scale_mae_run
+	$(BIN)/mmearth-jax train --config configs/scale_mae.py:demo --workdir $(DEMO)/scale_mae_run \
+	    --config.data.path=$(DEMO)/shards --config.eval.dataset=mmearth:$(DEMO)/shards
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

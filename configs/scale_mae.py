@@ -130,4 +130,7 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.every_steps = 150
   c.eval.dataset = "mmearth:data/demo/shards"
   c.eval.knn_k = (10, 20)
+  # Training inputs see r = 2.5 x crop / 32 in [2.2, 5]; a whole 64 px tile at its native 10 m is
+  # r = 2.5 in the same units (one source pixel per input pixel), so 2.5 / fraction at each scale.
+  c.eval.gsd = 2.5
   return c

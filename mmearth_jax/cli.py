@@ -134,8 +134,9 @@ def _evaluate(args, evaluators) -> int:
   cfg.max_examples, cfg.image_size = args.max_examples, args.image_size
   train, test = evaluate.load_splits(cfg, bands)
   ks = tuple(int(k) for k in args.k.split(",")) if getattr(args, "k", None) else (20,)
+  scales = tuple(float(x) for x in args.scales.split(",")) if args.scales else (1.0,)
   result = evaluate.evaluate(model.spec, model.params, train, test, evaluators=evaluators, ks=ks,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, scales=scales, gsd=args.gsd)
   print(f"{args.dataset}: {len(train.labels)} train / {len(test.labels)} test images, "
         f"{train.num_classes} classes; encoder from {model.source}")
   for k, v in result.items():
@@ -218,6 +219,11 @@ def _add_eval_args(e: argparse.ArgumentParser) -> None:
                  "when the checkpoint does not name them")
   e.add_argument("--batch-size", type=int, default=128)
   e.add_argument("--json", default="", help="also write the metrics to this JSON file")
+  e.add_argument("--scales", default="", help="fractions of native resolution to evaluate at, "
+                 "e.g. 0.125,0.25,0.5,1 (Scale-MAE's protocol): per-scale metrics and their mean")
+  e.add_argument("--gsd", type=float, default=0.0, help="Scale-MAE: the GSD scale at native "
+                 "resolution (the model is told gsd / fraction at each scale; the reference's "
+                 "eval_base_resolution is 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

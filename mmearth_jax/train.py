@@ -33,7 +33,10 @@ from mmearth_jax.data import convert, pipeline
 from mmearth_jax.data import modalities as M
 from mmearth_jax.eval import evaluate as eval_lib
 from mmearth_jax.models.mp_mae import MPMAE
+from mmearth_jax.models.scale_mae import ScaleMAE
+from mmearth_jax.models.vit import VIT_VARIANTS
 from mmearth_jax.objectives.mp_mae import mp_mae_loss
+from mmearth_jax.objectives.scale_mae import scale_mae_loss
 from mmearth_jax.parallel import mesh as mesh_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -77,6 +80,7 @@ class Task:
   loss: Callable[[Any, Mapping[str, Any], jax.Array], tuple[jax.Array, dict]]
   layer_id: Callable[[tuple[str, ...]], int] | None
   num_layers: int
+  batch_keys: tuple[str, ...] = ("image", "targets", "valid")  # what the step reads
 
 
 def mp_mae_task(config: ml_collections.ConfigDict, outputs: Mapping[str, Any]) -> Task:
@@ -105,7 +109,32 @@ def mp_mae_task(config: ml_collections.ConfigDict, outputs: Mapping[str, Any]) -
   return Task(init, loss, lambda path: optim.convnextv2_layer_id(path), 12)
 
 
-TASKS = {"mp_mae": mp_mae_task}
+def scale_mae_task(config: ml_collections.ConfigDict, outputs: Mapping[str, Any]) -> Task:
+  del outputs  # Scale-MAE reconstructs its own (scale-augmented) input
+  c, o = config.model, config.objective
+  size = VIT_VARIANTS[c.variant]
+  model = ScaleMAE(patch_size=c.patch_size, embed_dim=c.embed_dim or size["embed_dim"],
+                   depth=c.depth or size["depth"], num_heads=c.num_heads or size["num_heads"],
+                   decoder_embed_dim=c.decoder_embed_dim, decoder_depth=c.decoder_depth,
+                   decoder_num_heads=c.decoder_num_heads, fcn_dim=c.fcn_dim,
+                   fcn_layers=c.fcn_layers, independent_fcn_head=c.independent_fcn_head,
+                   progressive=c.progressive, mask_ratio=o.mask_ratio,
+                   pos_variant=c.pos_variant, absolute_scale=c.absolute_scale,
+                   drop_path_rate=c.drop_path_rate, dtype=DTYPES[c.dtype], remat=c.remat)
+
+  def init(rng, batch):
+    images = jnp.zeros((1, *batch["image"].shape[1:]), jnp.float32)
+    return model.init({"params": rng, "masking": rng}, images, jnp.ones((1,)))["params"]
+
+  def loss(params, batch, rng):
+    total, terms = scale_mae_loss(model, params, batch, rng, band_config=tuple(o.band_config),
+                                  high_loss=o.high_loss, l1_weight=o.l1_weight)
+    return total, {f"loss/{k}": v for k, v in terms.items()}
+
+  return Task(init, loss, None, 0, batch_keys=("image", "target", "gsd"))
+
+
+TASKS = {"mp_mae": mp_mae_task, "scale_mae": scale_mae_task}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,9 +219,22 @@ class _Preemption:
     return bool(np.any(flags))
 
 
-def _device_batch(batch: Mapping[str, Any]) -> dict:
+def _device_batch(batch: Mapping[str, Any], keys: tuple[str, ...]) -> dict:
   """What the step needs; host-only fields (row ids, S2 type) stay on the host."""
-  return {k: batch[k] for k in ("image", "targets", "valid")}
+  return {k: batch[k] for k in keys}
+
+
+def _make_data(config: ml_collections.ConfigDict):
+  """(this host's batch iterator, records per epoch, input bands, outputs) of the method."""
+  data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+  data_cfg.num_epochs = 0  # the loop decides when to stop; the pipeline repeats
+  if config.method == "scale_mae":
+    from mmearth_jax.data import scale_aug
+    it, info = scale_aug.make_dataset(data_cfg)
+    return iter(it), info["num_records"], info["bands"], {}
+  manifest = convert.load_manifest(config.data.path)
+  input_bands, outputs, _ = pipeline.resolve_config(config.data, manifest)
+  return iter(pipeline.make_dataset(data_cfg)), manifest["num_records"], input_bands, outputs
 
 
 def _progress_bar(mode: str, total: int, initial: int):
@@ -221,13 +263,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   if gbs % replicas:
     raise TrainingError(f"config data.global_batch_size = {gbs} is not divisible by the "
                         f"mesh's data x fsdp = {replicas} devices")
-  manifest = convert.load_manifest(config.data.path)
-  data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-  data_cfg.num_epochs = 0  # the loop decides when to stop; the pipeline repeats
-  data_iter = iter(pipeline.make_dataset(data_cfg))
-  input_bands, outputs, _ = pipeline.resolve_config(config.data, manifest)
+  data_iter, num_records, input_bands, outputs = _make_data(config)
 
-  steps_per_epoch = max(manifest["num_records"] // gbs, 1)
+  steps_per_epoch = max(num_records // gbs, 1)
   total = config.train.num_steps or int(round(config.train.num_epochs * steps_per_epoch))
   accum = config.optimizer.grad_accum_steps
   opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
@@ -277,7 +315,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   # The step, compiled ahead of time (surfaces out-of-memory before the loop starts).
   abstract_batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct((gbs, *x.shape[1:]), x.dtype, sharding=batch_sharding),
-      _device_batch(first))
+      _device_batch(first, task.batch_keys))
   step_fn = jax.jit(make_train_step(task, tx, schedule, accum),
                     in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
@@ -306,7 +344,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   try:
     with _Preemption() as preemption:
       for step in range(start, total):
-        batch = mesh_lib.global_batch(_device_batch(next(data_iter)), batch_sharding)
+        batch = mesh_lib.global_batch(_device_batch(next(data_iter), task.batch_keys),
+                                      batch_sharding)
         state, metrics = compiled(state, batch)
         if pending is not None:
           _stop_if_not_finite(*pending, checkpointer)
@@ -372,17 +411,16 @@ def _make_evaluator(config: ml_collections.ConfigDict, input_bands, mesh, log
   evaluators = eval_lib.parse_evaluators(ec.evaluators)
   train_split, test_split = eval_lib.load_splits(ec, input_bands)
   spec = pretrained.spec_from_config(config)
-  fn = pretrained.features_fn(spec)
   log(f"evaluating {','.join(evaluators)} every {ec.every_steps} steps on {ec.dataset} "
-      f"({len(train_split.labels)} train / {len(test_split.labels)} test images)")
+      f"({len(train_split.labels)} train / {len(test_split.labels)} test images"
+      + (f", at {', '.join(f'{100 * s:g}%' for s in ec.scales)} of native resolution)"
+         if tuple(ec.scales) != (1.0,) else ")"))
 
   def run(params) -> dict:
-    kw = dict(batch_size=ec.batch_size, mesh=mesh, rules=config.mesh.rules,
-              min_size=config.mesh.fsdp_min_size)
-    train_x, test_x = eval_lib.split_features(fn, pretrained.encoder_params(spec, params),
-                                              train_split, test_split, **kw)
-    return eval_lib.evaluate_features(train_x, train_split, test_x, test_split, evaluators,
-                                      tuple(ec.knn_k))
+    return eval_lib.evaluate(spec, params, train_split, test_split, evaluators=evaluators,
+                             ks=tuple(ec.knn_k), batch_size=ec.batch_size, mesh=mesh,
+                             rules=config.mesh.rules, min_size=config.mesh.fsdp_min_size,
+                             scales=tuple(ec.scales), gsd=ec.gsd)
   return run
 
 

@@ -1,6 +1,12 @@
 """Frozen-encoder evaluation: features of a train and a test split, then kNN and linear probes.
 
 Used by `mmearth-jax knn` / `mmearth-jax probe` and, every `eval.every_steps`, inside training.
+
+Multi-scale evaluation (Scale-MAE's protocol): with `scales` = fractions of the native resolution
+(the paper: 0.125, 0.25, 0.5, 1), both splits are area-resized to each fraction (as the
+reference's `interpolate(mode="area")`), the model is told GSD scale `gsd / fraction`, and every
+metric is reported per scale as `<metric>@<percent>%` plus their mean as `<metric>@mean`. A size
+is rounded to a whole number of patches (at least one); the GSD follows the size actually used.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from jax.sharding import Mesh
 
 from mmearth_jax import pretrained
 from mmearth_jax.eval import datasets, features, knn, probe
+from mmearth_jax.ops import resize as resize_ops
 
 EVALUATORS = ("knn", "linear", "lsq")
 
@@ -30,6 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.evaluators = "knn,lsq"  # any of knn, linear, lsq
   c.knn_k = (10, 20, 100, 200)
   c.batch_size = 128
+  c.scales = (1.0,)  # fractions of the native resolution to evaluate at (Scale-MAE: 4 of them)
+  c.gsd = 0.0  # > 0: the GSD scale a Scale-MAE encoder is told at native resolution
   return c
 
 
@@ -78,14 +87,50 @@ def split_features(fn, params: Any, train: datasets.EvalData, test: datasets.Eva
   return both[:len(train.images)], both[len(train.images):]
 
 
+def _patch(spec: Mapping[str, Any]) -> int:
+  """The size unit an encoder input must be a multiple of (ViT: its patch; ConvNeXt: 32)."""
+  enc = pretrained.encoder_spec(spec)
+  return int(enc["patch_size"]) if enc["arch"] == "vit" else 32
+
+
+def scaled_size(size: int, fraction: float, unit: int) -> int:
+  """`size * fraction` rounded to a whole number (>= 1) of `unit`s."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"eval scale {fraction} must be in (0, 1] (a fraction of native resolution)")
+  return max(unit, int(round(size * fraction / unit)) * unit)
+
+
+def _resized(data: datasets.EvalData, size: int) -> datasets.EvalData:
+  import dataclasses
+  if data.images.shape[1:3] == (size, size):
+    return data
+  return dataclasses.replace(data, images=resize_ops.resize(
+      np.asarray(data.images, np.float32), (size, size), "area"))
+
+
 def evaluate(spec: Mapping[str, Any], params: Any, train: datasets.EvalData,
              test: datasets.EvalData, *, evaluators: Sequence[str] = ("knn", "lsq"),
              ks: Sequence[int] = knn.DEFAULT_KS, batch_size: int = 128, mesh: Mesh | None = None,
-             rules: Any = ()) -> dict[str, float]:
-  """Features of both splits from the encoder in `spec`/`params`, then every evaluator."""
-  fn = pretrained.features_fn(spec)
+             rules: Any = (), min_size: int = 2 ** 14, scales: Sequence[float] = (1.0,),
+             gsd: float = 0.0) -> dict[str, float]:
+  """Features of both splits from the encoder in `spec`/`params`, then every evaluator; at
+  several resolutions when `scales` is not just (1.0,) or `gsd` is set (see the module doc)."""
   enc = pretrained.encoder_params(spec, params)
   pretrained.check_images(pretrained.encoder_spec(spec), train.images, train.name)
-  train_x, test_x = split_features(fn, enc, train, test, batch_size=batch_size, mesh=mesh,
-                                   rules=rules)
-  return evaluate_features(train_x, train, test_x, test, evaluators, ks)
+  kw = dict(batch_size=batch_size, mesh=mesh, rules=rules, min_size=min_size)
+  if tuple(scales) == (1.0,) and not gsd:
+    train_x, test_x = split_features(pretrained.features_fn(spec), enc, train, test, **kw)
+    return evaluate_features(train_x, train, test_x, test, evaluators, ks)
+  native = train.images.shape[1]
+  out: dict[str, float] = {}
+  per_scale = []
+  for fraction in scales:
+    size = scaled_size(native, float(fraction), _patch(spec))
+    fn = pretrained.features_fn(spec, gsd=gsd * native / size if gsd else None)
+    tr, te = _resized(train, size), _resized(test, size)
+    train_x, test_x = split_features(fn, enc, tr, te, **kw)
+    result = evaluate_features(train_x, tr, test_x, te, evaluators, ks)
+    per_scale.append(result)
+    out.update({f"{k}@{100 * float(fraction):g}%": v for k, v in result.items()})
+  out.update({f"{k}@mean": float(np.mean([r[k] for r in per_scale])) for k in per_scale[0]})
+  return out

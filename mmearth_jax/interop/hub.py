@@ -15,12 +15,16 @@ shapes alone:
   official        the ConvNeXt V2 release (`downsample_layers.0` = 4x4 stem)
   timm            timm's `convnextv2_*` (`stem`, `stages.i.blocks.j`, `head.norm`, `head.fc`)
   vit / mae       timm / MAE ViT (MAE adds `decoder_*`, `mask_token`)
-  scale_mae       Scale-MAE pretraining: a ViT encoder under timm names plus its own decoder and
-                  upsampler (`fpn.*`, `fcn_high.*`, `fcn_low.*`, ...); the encoder is imported
+  scale_mae       Scale-MAE pretraining (the release's `MaskedAutoencoderViT`): a ViT encoder
+                  under timm names plus its decoder and upsampler (`decoder_*`, `mask_token`,
+                  `fpn.*`, `fcn_high.*` / `fcn_low.*` or a shared `fcn.*`); the full model is
+                  imported (`interop.torch_scale_mae`), or its encoder with model 'vit' or when
+                  the file's decoder is incomplete
 
-`model` overrides what is built: "convnextv2", "mp_mae", "vit" or "mae" (e.g. "convnextv2" on an
-MP-MAE file takes the encoder only), optionally followed by options, "vit:num_heads=8",
-"mae:num_heads=8,decoder_num_heads=4", "convnextv2:patch_size=16", "vit:img_size=224",
+`model` overrides what is built: "convnextv2", "mp_mae", "vit", "mae" or "scale_mae" (e.g.
+"convnextv2" on an MP-MAE file takes the encoder only, "vit" on a Scale-MAE file its encoder),
+optionally followed by options, "vit:num_heads=8", "mae:num_heads=8,decoder_num_heads=4",
+"scale_mae:num_heads=8,decoder_num_heads=4", "convnextv2:patch_size=16", "vit:img_size=224",
 "vit:drop_pos_embed=1" (accept a position table that is not the fixed sin-cos one). `model`
 may also be only options (":num_heads=8").
 
@@ -35,6 +39,8 @@ Specs (JSON-able) describe the architecture; see `mmearth_jax.pretrained`:
   mp_mae:     the convnextv2 keys (num_classes 0) + decoder_dim, outputs {modality: [bands]}
   vit:        arch, patch_size, embed_dim, depth, num_heads, mlp_ratio, in_chans, img_size, bands
   mae:        the vit keys + decoder_embed_dim, decoder_depth, decoder_num_heads
+  scale_mae:  the mae keys + fcn_dim, fcn_layers, independent_fcn_head, progressive, out_chans,
+              pos_layout (img_size an int: the release's grids are square)
 """
 from __future__ import annotations
 
@@ -43,22 +49,25 @@ import math
 import re
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 import torch
 
 from mmearth_jax.data import modalities as M
 from mmearth_jax.interop import convert_convnextv2 as cv
+from mmearth_jax.interop import torch_scale_mae as tsm
 from mmearth_jax.interop import torch_vit as tv
 from mmearth_jax.interop.torch_convnextv2 import head_width
 from mmearth_jax.interop.trees import flatten, to_numpy
 
-ARCHS = ("convnextv2", "mp_mae", "vit", "mae")
+ARCHS = ("convnextv2", "mp_mae", "vit", "mae", "scale_mae")
 EXPORT_LAYOUTS = {"convnextv2": ("mmearth", "official", "timm"),
                   "mp_mae": ("mmearth", "official", "timm"),
-                  "vit": ("timm", "mae"), "mae": ("timm", "mae")}
+                  "vit": ("timm", "mae", "scale_mae"), "mae": ("timm", "mae"),
+                  "scale_mae": ("scale_mae", "timm")}
 # Attention heads of the standard ViT widths (Ti, S, B, L, H); the weights do not tell.
 VIT_NUM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-MAE_DECODER_HEADS = 16  # every public MAE decoder
+MAE_DECODER_HEADS = 16  # every public MAE decoder, and Scale-MAE's (width 512)
 DEFAULT_OFFICIAL_PATCH = 32  # FCMAE's mask patch for the 4x4 stem
 DEFAULT_VIT_IMG = 224
 
@@ -217,6 +226,31 @@ def _vit_spec(flat: Mapping[tuple, Any], img_size, num_heads: int | None, bands)
           "bands": list(bands) if bands is not None else bands_for(int(pe[2]))}
 
 
+def _scale_mae_spec(params: Mapping, img_size, num_heads: int | None,
+                    decoder_num_heads: int | None, bands, pos_layout: str) -> dict:
+  """A Scale-MAE spec (keys as `pretrained._scale_mae_spec`) read off ScaleMAE params."""
+  spec = _vit_spec(flatten(params["encoder"]), img_size, num_heads, bands)
+  dd = int(np.shape(params["decoder_embed"]["kernel"])[-1])
+  independent = "fcn_high" in params
+  head = params["fcn_high" if independent else "fcn"]
+  if decoder_num_heads is None:
+    if dd % MAE_DECODER_HEADS:
+      raise ValueError(f"cannot tell the decoder's attention heads (width {dd}); give them as "
+                       "model 'scale_mae:decoder_num_heads=N'")
+    decoder_num_heads = MAE_DECODER_HEADS
+  h, w = spec["img_size"]
+  spec.update(
+      arch="scale_mae", img_size=int(h) if h == w else [int(h), int(w)],
+      decoder_embed_dim=dd,
+      decoder_depth=len([k for k in params if re.fullmatch(r"decoder_blocks_\d+", k)]),
+      decoder_num_heads=int(decoder_num_heads),
+      fcn_dim=int(np.shape(head["proj"]["kernel"])[-1]),
+      fcn_layers=len([k for k in head if re.fullmatch(r"conv_blocks_\d+", k)]),
+      independent_fcn_head=independent, progressive="fpn1_2" in params["fpn"],
+      out_chans=int(np.shape(head["pred_7"]["kernel"])[-1]), pos_layout=pos_layout)
+  return spec
+
+
 def _vit_heads(dim: int, what: str = "num_heads", arch: str = "vit") -> int:
   if dim in VIT_NUM_HEADS:
     return VIT_NUM_HEADS[dim]
@@ -230,11 +264,13 @@ def spec_from_params(arch: str, params: Mapping, *, patch_size: int | None = Non
                      bands: Sequence[str] | None = None,
                      outputs: Mapping[str, Sequence[str]] | None = None,
                      img_size: int | Sequence[int] = DEFAULT_VIT_IMG,
-                     num_heads: int | None = None, decoder_num_heads: int | None = None) -> dict:
+                     num_heads: int | None = None, decoder_num_heads: int | None = None,
+                     pos_layout: str = "concat") -> dict:
   """The spec of Flax params of `arch`, reading depths, widths, stem and channels off the
   shapes. What shapes do not fix comes from the arguments: `patch_size` (official stem; default
   32), `outputs` (mp_mae, required), `img_size` and `num_heads` (ViT; heads default to the
-  standard table), `decoder_num_heads` (MAE; default 16). `bands` default from the channels."""
+  standard table), `decoder_num_heads` (MAE, Scale-MAE; default 16), `pos_layout` (Scale-MAE's
+  sin-cos channel order). `bands` default from the channels."""
   if set(params) == {"params"}:
     params = params["params"]
   if arch == "convnextv2":
@@ -264,6 +300,8 @@ def spec_from_params(arch: str, params: Mapping, *, patch_size: int | None = Non
     spec.update(arch="mae", decoder_embed_dim=dd, decoder_depth=depth,
                 decoder_num_heads=int(decoder_num_heads))
     return spec
+  if arch == "scale_mae":
+    return _scale_mae_spec(params, img_size, num_heads, decoder_num_heads, bands, pos_layout)
   raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 
@@ -357,7 +395,7 @@ def _infer_outputs(rest: Mapping[str, Any], in_chans: int, stem_patch: int | Non
 
 def _import_convnext(sd: Mapping[str, Any], layout: str, arch: str | None,
                      opts: Mapping[str, Any], notes: list[str]) -> tuple[dict, dict]:
-  if arch in ("vit", "mae"):
+  if arch in ("vit", "mae", "scale_mae"):
     raise ValueError(f"this is a ConvNeXt V2 checkpoint ({_DESCRIBE[layout]}); model {arch!r} "
                      "does not fit it: use 'convnextv2' or 'mp_mae'")
   prefixed = layout in ("sparse_mmearth", "sparse_fcmae", "mp_mae", "fcmae")
@@ -458,7 +496,11 @@ def _import_vit(sd: Mapping[str, Any], layout: str, arch: str | None,
                      "fit it: use 'vit' or 'mae'")
   if layout == "scale_mae" and arch == "mae":
     raise ValueError("Scale-MAE's decoder (FPN upsampler, fcn_high / fcn_low heads) has no "
-                     "counterpart in MAE; import its encoder with model 'vit'")
+                     "counterpart in MAE; import the whole model with model 'scale_mae' or its "
+                     "encoder with model 'vit'")
+  if layout in ("vit", "mae") and arch == "scale_mae":
+    raise ValueError(f"this is a {_DESCRIBE[layout]} checkpoint without Scale-MAE's decoder "
+                     f"(fpn.*, fcn_high.* / fcn.*); import it with model '{layout}'")
   if layout == "vit" and arch == "mae":
     raise ValueError("this ViT checkpoint has no MAE decoder (decoder_embed / decoder_pred); "
                      "import it with model 'vit'")
@@ -555,6 +597,102 @@ def _import_vit(sd: Mapping[str, Any], layout: str, arch: str | None,
   return spec, params
 
 
+def _decoder_problems(sd: Mapping[str, Any]) -> list[str]:
+  """Missing / unexpected keys of a Scale-MAE file against the release layout its keys imply
+  (the droppable fixed tables and an unused pos_emb_projection are not problems)."""
+  want = tsm.expected_keys(**tsm.structure(sd))
+  have = {k for k in sd if not k.startswith("pos_emb_projection.")}
+  problems = [f"missing: {k}" for k in want if k not in have and k not in tsm.FILLED]
+  problems += [f"unexpected: {k}" for k in sorted(have - set(want))]
+  return problems
+
+
+def _import_scale_mae(sd: Mapping[str, Any], arch: str | None, opts: Mapping[str, Any],
+                      notes: list[str]) -> tuple[dict, dict]:
+  """The whole Scale-MAE (arch "scale_mae"); with no `model` given, a file whose decoder does not
+  form the release's layout falls back to its encoder (arch "vit"), saying why in the notes."""
+  sd = dict(sd)
+  problems = _decoder_problems(sd)
+  if problems and arch is None:
+    shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} in all)" if len(problems) > 4
+                                       else "")
+    notes.append(f"layout: the Scale-MAE decoder in this file is incomplete ({shown}): only the "
+                 "encoder is imported (model 'scale_mae' raises on it instead)")
+    return _import_vit(sd, "scale_mae", None, opts, notes)
+  if problems:
+    raise ValueError(f"not the released Scale-MAE layout: {len(problems)} problem(s):\n  " +
+                     "\n  ".join(problems) + "\n(import the encoder alone with model 'vit')")
+
+  pe = _shape(sd, "patch_embed.proj.weight")  # (D, C, p, p)
+  p = int(pe[-1])
+  grid = None
+  if opts.get("img_size"):
+    grid = (opts["img_size"] // p,) * 2
+  for name in ("pos_embed", "decoder_pos_embed"):
+    shape = _shape(sd, name)
+    if grid is None and shape is not None and len(shape) == 3:
+      side = _int_sqrt(shape[1] - 1)
+      grid = (side, side) if side else None
+  if grid is None:
+    grid = (DEFAULT_VIT_IMG // p,) * 2
+    notes.append(f"assumed: img_size {DEFAULT_VIT_IMG} (no square position table to read it "
+                 "from; it only sets the tables written on export); override with model "
+                 "'scale_mae:img_size=N'")
+  missing = [k for k in tsm.FILLED if k not in sd]
+  if missing:
+    notes.append(f"layout: no {', '.join(missing)} in the file; none is needed (the model holds "
+                 "no position table and no mask_token_decoder)")
+
+  head = "fcn_high" if "fcn_high.proj.weight" in sd else "fcn"
+  up1 = _shape(sd, f"{head}.pred.1.weight")[-1]
+  if up1 != p // 4:
+    raise ValueError(f"{head}.pred.1 upsamples by {up1}, but with patch size {p} the model here "
+                     f"upsamples by p/4 = {p // 4} (the release hard-codes 4, i.e. patch 16)")
+  dim, dd = int(pe[0]), int(_shape(sd, "decoder_embed.weight")[0])
+  enc_fc1 = _shape(sd, "blocks.0.mlp.fc1.weight")
+  dec_fc1 = _shape(sd, "decoder_blocks.0.mlp.fc1.weight")
+  if enc_fc1 and dec_fc1 and dec_fc1[0] / dd != enc_fc1[0] / dim:
+    raise ValueError(f"the decoder's MLP ratio {dec_fc1[0] / dd} differs from the encoder's "
+                     f"{enc_fc1[0] / dim}; the model here shares one ratio")
+  params = tsm.torch_to_flax_scale_mae(sd, notes=notes)
+
+  heads = opts.get("num_heads") or _vit_heads(dim, "num_heads", "scale_mae")
+  dec_heads = opts.get("decoder_num_heads")
+  if dec_heads is None and dd % MAE_DECODER_HEADS == 0:
+    notes.append(f"assumed: decoder_num_heads {MAE_DECODER_HEADS} (the release's); override with "
+                 "model 'scale_mae:decoder_num_heads=N'")
+  spec = spec_from_params("scale_mae", params, img_size=[grid[0] * p, grid[1] * p],
+                          num_heads=heads, decoder_num_heads=dec_heads)
+  for what, width, h in (("num_heads", dim, spec["num_heads"]),
+                         ("decoder_num_heads", dd, spec["decoder_num_heads"])):
+    if width % h:
+      raise ValueError(f"width {width} is not divisible by {what}={h}")
+  _check_shapes(spec, params)
+  notes.append("layout: Scale-MAE position encodings in the released code's channel order "
+               "(pos_layout 'concat')")
+  return spec, params
+
+
+def _check_shapes(spec: Mapping[str, Any], params: Mapping) -> None:
+  """Every imported tensor has the shape the model of `spec` expects (one error naming all)."""
+  from mmearth_jax import pretrained  # here: it pulls in orbax, which most imports never need
+  model = pretrained.build(spec)
+  size = spec["img_size"] if isinstance(spec["img_size"], int) else spec["img_size"][0]
+  images = jax.ShapeDtypeStruct((1, size, size, int(spec["in_chans"])), np.float32)
+  gsd = jax.ShapeDtypeStruct((1,), np.float32)
+  rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}
+  want = flatten(jax.eval_shape(lambda x, g: model.init(rngs, x, g), images, gsd)["params"])
+  have = flatten(params)
+  problems = [f"missing: {'/'.join(k)}" for k in want if k not in have]
+  problems += [f"unexpected: {'/'.join(k)}" for k in have if k not in want]
+  problems += [f"mis-shaped: {'/'.join(k)} {tuple(np.shape(have[k]))}, expected "
+               f"{tuple(want[k].shape)}" for k in want
+               if k in have and tuple(np.shape(have[k])) != tuple(want[k].shape)]
+  if problems:
+    raise ValueError(f"the Scale-MAE weights do not fit the model {dict(spec)}: "
+                     f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API.
 
@@ -575,7 +713,9 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], model: str | None = 
     notes.append("layout: the 'module.' prefix (DistributedDataParallel) removed")
   layout = detect_layout(sd)
   notes.insert(0, f"layout: {layout} ({_DESCRIBE[layout]})")
-  if layout in ("vit", "mae", "scale_mae"):
+  if layout == "scale_mae" and arch in (None, "scale_mae"):
+    spec, params = _import_scale_mae(sd, arch, opts, notes)
+  elif layout in ("vit", "mae", "scale_mae"):
     spec, params = _import_vit(sd, layout, arch, opts, notes)
   else:
     spec, params = _import_convnext(sd, layout, arch, opts, notes)
@@ -590,7 +730,9 @@ def export_state_dict(spec: Mapping[str, Any], params: Mapping, layout: str, *,
   reference's keys), "official" (4x4 stem), "timm" (4x4 stem; `conv_mlp` forces fc1/fc2 as 1x1
   convs or Linears, default timm's choice for the width). "official" / "timm" of an MP-MAE write
   its encoder. ViT / MAE: "timm" (the encoder), "mae" (an MAE's encoder and decoder; the encoder
-  of a ViT); the sin-cos position tables are written for spec["img_size"].
+  of a ViT). Scale-MAE: "scale_mae" (the release's full `MaskedAutoencoderViT`, loadable with
+  strict=True; `mask_token_decoder` written as zeros), "timm" (its encoder); "scale_mae" of a ViT
+  writes the encoder. The sin-cos position tables are written for spec["img_size"].
   """
   arch = spec.get("arch")
   if arch not in EXPORT_LAYOUTS:
@@ -617,5 +759,11 @@ def export_state_dict(spec: Mapping[str, Any], params: Mapping, layout: str, *,
   img = tuple(int(v) for v in img) if not isinstance(img, int) else img
   if arch == "mae" and layout == "mae":
     return tv.flax_to_torch_vit(params, img_size=img)
-  enc = params["encoder"] if arch == "mae" else params
+  if arch == "scale_mae" and layout == "scale_mae":
+    if spec.get("pos_layout", "concat") != "concat":
+      raise ValueError(f"this Scale-MAE uses pos_layout {spec.get('pos_layout')!r} (the paper's "
+                       "interleaved sin-cos channels); the released code, which this layout "
+                       "feeds, uses 'concat', so its weights would not fit")
+    return tsm.flax_to_torch_scale_mae(params, img_size=img)
+  enc = params["encoder"] if arch in ("mae", "scale_mae") else params
   return tv.flax_to_torch_vit(enc, img_size=img)

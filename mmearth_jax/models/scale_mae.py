@@ -39,6 +39,7 @@ import numpy as np
 from mmearth_jax.models.posenc import sincos_2d
 from mmearth_jax.models.vit import (LN_EPS, VIT_VARIANTS, ViT, _block, _dense, _gelu, _layer_norm,
                                     _token_init, patch_grid, patch_mask)
+from mmearth_jax.ops.conv import conv2d
 from mmearth_jax.ops.masked_tokens import random_masking, scatter_tokens
 
 Dtype = Any
@@ -52,15 +53,29 @@ def _torch_uniform(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+class Conv2d(nn.Module):
+  """torch Conv2d, "same" padding and PyTorch's default init; `groups` as torch's (consecutive
+  channel groups). Runs through `ops.conv.conv2d`: XLA:CPU's grouped convolution is 100x slower
+  than the same sum as a batched matmul (benchmarks/ops.py)."""
+  features: int
+  kernel: int = 1
+  groups: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    k, g = self.kernel, self.groups
+    fan_in = x.shape[-1] // g * k * k
+    kernel = self.param("kernel", _torch_uniform(fan_in), (k, k, x.shape[-1] // g, self.features),
+                        jnp.float32)
+    bias = self.param("bias", _torch_uniform(fan_in), (self.features,), jnp.float32)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), padding=k // 2, groups=g)
+    return y + bias.astype(self.dtype)
+
+
 def _conv(x: jnp.ndarray, features: int, kernel: int, groups: int, dtype: Dtype,
           name: str) -> jnp.ndarray:
-  """Conv2d, "same" padding, PyTorch's default init; `groups` as torch's (consecutive channels)."""
-  fan_in = x.shape[-1] // groups * kernel ** 2
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
-                 feature_group_count=groups, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in),
-                 name=name)(x)
+  return Conv2d(features, kernel, groups, dtype, name=name)(x)
 
 
 class ConvTranspose(nn.Module):

@@ -47,7 +47,11 @@ def _matmul_conv(x, kernel, stride, padding, groups):
     return y.reshape(n, oh, ow, cout)
   if cin_g == 1 and cout == groups:  # depthwise: a weighted sum of the taps per channel
     return jnp.einsum("nhwijc,ijc->nhwc", taps, kernel[:, :, 0, :])
-  return _lax_conv(x, kernel, stride, 0, groups)
+  # Grouped (e.g. Scale-MAE's 2 channels per group): a batched matmul over the groups.
+  cout_g = cout // groups
+  taps = taps.reshape(n, oh, ow, kh, kw, groups, cin_g)
+  y = jnp.einsum("nhwijgc,ijcgo->nhwgo", taps, kernel.reshape(kh, kw, cin_g, groups, cout_g))
+  return y.reshape(n, oh, ow, cout)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
