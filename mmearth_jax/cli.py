@@ -320,10 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
 
   tt = sub.add_parser("to-torch", help="export a checkpoint to a PyTorch state dict",
                       description="Write {'model': state_dict} (.pth) or .safetensors in the "
-                      "MMEarth, official ConvNeXt V2 or timm layout (ViT: timm, or mae for a "
-                      "full MAE).")
+                      "MMEarth, official ConvNeXt V2 or timm layout (ViT: timm, mae for a "
+                      "full MAE, or scale_mae for a full Scale-MAE in the released layout).")
   tt.add_argument("--checkpoint", required=True)
-  tt.add_argument("--layout", required=True, choices=("mmearth", "official", "timm", "mae"))
+  tt.add_argument("--layout", required=True,
+                  choices=("mmearth", "official", "timm", "mae", "scale_mae"))
   tt.add_argument("--out", required=True, help=".pth/.pt or .safetensors file")
   tt.add_argument("--check", default="", help="a .npy image stack or a dataset (as for knn): "
                   "print the first image's embedding from JAX and from the plain-PyTorch "

@@ -28,7 +28,7 @@ def torch_encoder(spec: Mapping[str, Any], layout: str, image_hw: tuple[int, int
       return tc.ConvNeXtV2Official(patch_size=int(spec["patch_size"]), **common)
     if layout == "timm":
       return tc.ConvNeXtV2Timm(**common)
-  elif spec["arch"] in ("vit", "mae") and layout in ("timm", "mae"):
+  elif spec["arch"] in ("vit", "mae", "scale_mae") and layout in ("timm", "mae", "scale_mae"):
     return tv.TorchViT(img_size=image_hw, patch_size=int(spec["patch_size"]),
                        in_chans=int(spec["in_chans"]), embed_dim=int(spec["embed_dim"]),
                        depth=int(spec["depth"]), num_heads=int(spec["num_heads"]),
@@ -43,8 +43,9 @@ def torch_features(spec: Mapping[str, Any], path: str, layout: str, images: np.n
   if spec["arch"] == "mp_mae" and layout == "mmearth":  # the full MP-MAE: keep the encoder
     state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
   model = torch_encoder(spec, layout, images.shape[1:3])
-  if spec["arch"] in ("vit", "mae"):
-    # The reference computes its own sin-cos table for this image size; keep encoder keys only.
+  if spec["arch"] in ("vit", "mae", "scale_mae"):
+    # The reference computes its own sin-cos table for this image size (Scale-MAE's at GSD 1, the
+    # scale our `embed` uses by default); keep encoder keys only.
     own = set(model.state_dict())
     state = {k: v for k, v in state.items() if k in own and k != "pos_embed"}
     state["pos_embed"] = model.pos_embed.detach().numpy()
@@ -53,7 +54,7 @@ def torch_features(spec: Mapping[str, Any], path: str, layout: str, images: np.n
   model.eval()
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), np.float32))
   with torch.no_grad():
-    if spec["arch"] in ("vit", "mae"):
+    if spec["arch"] in ("vit", "mae", "scale_mae"):
       return model.forward_encoder(x)[:, 0].numpy()
     return model.forward_features(x).numpy()
 
