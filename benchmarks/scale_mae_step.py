@@ -39,17 +39,7 @@ from mmearth_jax.models.vit import VIT_VARIANTS
 from mmearth_jax.objectives.scale_mae import scale_mae_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:  # the house timing helper: one warm-up call, then the median of `steps` calls
-  from train_step import _median_time
-except ImportError:  # pragma: no cover - benchmarks/ run from elsewhere
-  def _median_time(fn, steps):
-    fn(0)
-    times = []
-    for i in range(steps):
-      t0 = time.perf_counter()
-      fn(i + 1)
-      times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from train_step import _median_time  # noqa: E402  the house timing: warm-up, then the median
 
 PATCH = 16
 BAND_CONFIG = (7, 56)
