@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import sys
 import time
 
@@ -32,14 +31,14 @@ import numpy as np
 import optax
 import torch
 
-from mmearth_jax import metrics, train
+from mmearth_jax import train
 from mmearth_jax.interop.torch_scale_mae import ScaleMAETorch, flax_to_torch_scale_mae
 from mmearth_jax.models.scale_mae import make_scale_mae
 from mmearth_jax.models.vit import VIT_VARIANTS
 from mmearth_jax.objectives.scale_mae import scale_mae_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import _median_time  # noqa: E402  the house timing: warm-up, then the median
+from train_step import _median_time, describe_machine  # noqa: E402  the house helpers
 
 PATCH = 16
 BAND_CONFIG = (7, 56)
@@ -134,12 +133,7 @@ def main() -> None:
   args = p.parse_args()
   args.warmup = max(args.warmup, 1)
 
-  torch.set_num_threads(os.cpu_count())
-  device = jax.devices()[0]
-  peak = metrics.peak_flops(device.device_kind)
-  print(f"{device.device_kind} ({jax.default_backend()}), {os.cpu_count()} host cores, "
-        f"{platform.machine()}; jax {jax.__version__}, torch {torch.__version__}; "
-        f"our dtype {args.dtype}")
+  peak = describe_machine(args.dtype)
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   model = make_scale_mae(args.variant, patch_size=PATCH, dtype=dtype)

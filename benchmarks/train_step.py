@@ -194,6 +194,16 @@ def bench_vit(args, steps):
   return ours, _median_time(torch_step, steps), flops
 
 
+def describe_machine(dtype: str) -> float:
+  """Prints the device, host and library versions; returns the chip's peak FLOP/s (0 unknown)."""
+  torch.set_num_threads(os.cpu_count())
+  device = jax.devices()[0]
+  print(f"{device.device_kind} ({jax.default_backend()}), {os.cpu_count()} host cores, "
+        f"{platform.machine()}; jax {jax.__version__}, torch {torch.__version__}; "
+        f"our dtype {dtype}")
+  return metrics.peak_flops(device.device_kind)
+
+
 def _median_time(fn, steps):
   fn(0)  # warm-up (compiles the JAX step)
   times = []
@@ -306,12 +316,7 @@ def main():
   if args.memory_only:
     fsdp_memory(args.memory, args.size, args.patch, args.batch)
     return
-  torch.set_num_threads(os.cpu_count())
-  device = jax.devices()[0]
-  peak = metrics.peak_flops(device.device_kind)
-  print(f"{device.device_kind} ({jax.default_backend()}), {os.cpu_count()} host cores, "
-        f"{platform.machine()}; jax {jax.__version__}, torch {torch.__version__}; "
-        f"our dtype {args.dtype}")
+  peak = describe_machine(args.dtype)
   header = f"{'step':<50}{'s/step':>8}{'images/s':>10}{'ratio':>7}{'MFU':>7}"
   models = args.models.split(",")
   outputs = M.output_preset("all")

@@ -11,6 +11,7 @@ from mmearth_jax.interop import convert_convnextv2 as cv
 from mmearth_jax.interop import torch_convnextv2 as tc
 from mmearth_jax.models import convnextv2 as cx
 from mmearth_jax.models.mp_mae import MPMAE
+from _trees import assert_bit_exact
 
 torch.set_num_threads(2)
 TOL = 1e-5
@@ -192,18 +193,6 @@ def test_mp_mae_predictions_and_gradients(mp_mae_pair):
 # Conversion: round trips and errors.
 
 
-def _flat(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _assert_bit_exact(a, b):
-  fa, fb = _flat(a), _flat(b)
-  assert fa.keys() == fb.keys()
-  for k in fa:
-    assert fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]), k
-
-
 @pytest.mark.parametrize("stem,size,patch,classes", [("official", 64, 32, 7),
                                                       ("mmearth", 112, 16, 0)])
 def test_round_trips_are_bit_exact(stem, size, patch, classes):
@@ -228,8 +217,8 @@ def test_round_trips_are_bit_exact(stem, size, patch, classes):
     assert sd["stem.0.weight"].shape == (40, 1, 2, 2)
     assert sd["downsample_layers.2.1.weight"].shape == (320, 160, 2, 2)
     assert not any(k.startswith("downsample_layers.3") for k in sd)
-  _assert_bit_exact(cv.torch_to_flax(sd, stem), params)
-  _assert_bit_exact(cv.torch_to_flax({"model": sd}, stem), params)  # checkpoint wrapper
+  assert_bit_exact(cv.torch_to_flax(sd, stem), params)
+  assert_bit_exact(cv.torch_to_flax({"model": sd}, stem), params)  # checkpoint wrapper
   # torch -> flax -> torch from a torch-initialised model.
   tmodel = _torch_encoder(stem, "atto", 5, patch, classes)
   sd0 = tmodel.state_dict()
@@ -240,7 +229,7 @@ def test_round_trips_are_bit_exact(stem, size, patch, classes):
 
 def test_mp_mae_round_trip(mp_mae_pair):
   outputs, _, params, tmodel = mp_mae_pair
-  _assert_bit_exact(cv.mp_mae_torch_to_flax(tmodel.state_dict(), outputs), params)
+  assert_bit_exact(cv.mp_mae_torch_to_flax(tmodel.state_dict(), outputs), params)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from mmearth_jax.interop import torch_vit as tv
 from mmearth_jax.models import convnextv2 as cx
 from mmearth_jax.models import vit as V
 from mmearth_jax.models.mp_mae import MPMAE
+from _trees import assert_bit_exact
 
 torch.set_num_threads(2)
 TOL = 1e-5
@@ -63,18 +64,6 @@ def _noise_torch(module: torch.nn.Module, seed=0) -> torch.nn.Module:
       else:
         p.copy_(0.1 * x)
   return module.eval()
-
-
-def _flat(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _assert_bit_exact(a, b):
-  fa, fb = _flat(a), _flat(b)
-  assert fa.keys() == fb.keys(), sorted(set(fa) ^ set(fb))
-  for k in fa:
-    assert fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]), k
 
 
 def _nchw(x):
@@ -159,7 +148,7 @@ def test_convnext_round_trips(which, layout, conv_mlp, request):
   spec2, params2, notes = hub.import_state_dict(_np_sd(sd))
   assert notes[0].startswith(f"layout: {layout} ")
   assert spec2 == spec
-  _assert_bit_exact(params2, params)
+  assert_bit_exact(params2, params)
 
 
 def test_timm_default_mlp_kind_follows_the_width(official):
@@ -179,13 +168,13 @@ def test_mp_mae_round_trips(mp_mae):
   spec2, params2, notes = hub.import_state_dict(_np_sd(sd))
   assert spec2 == spec
   assert spec2["outputs"] == {k: list(v) for k, v in M.output_preset("all").items()}
-  _assert_bit_exact(params2, params)
+  assert_bit_exact(params2, params)
   # The encoder alone, on request.
   spec3, enc, notes = hub.import_state_dict(_np_sd(sd), "convnextv2")
   assert {k: spec3[k] for k in ("depths", "dims", "stem", "patch_size", "in_chans")} == \
       {k: spec[k] for k in ("depths", "dims", "stem", "patch_size", "in_chans")}
   assert spec3["arch"] == "convnextv2" and "outputs" not in spec3
-  _assert_bit_exact(enc, params["encoder"])
+  assert_bit_exact(enc, params["encoder"])
   assert any(n.startswith("dropped: ") and "decoder_dict.*" in n for n in notes), notes
   # An MMEarth-stem MP-MAE has no official / timm encoder layout.
   with pytest.raises(ValueError, match="use layout 'mmearth'"):
@@ -200,15 +189,15 @@ def test_vit_and_mae_round_trips(mae):
   assert "decoder_pred.weight" in full and full["pos_embed"].shape == (1, 17, 192)
   spec2, params2, notes = hub.import_state_dict(_np_sd(full))
   assert spec2 == spec and any(n.startswith("assumed: decoder_num_heads 16") for n in notes)
-  _assert_bit_exact(params2, params)
+  assert_bit_exact(params2, params)
   enc_sd = hub.export_state_dict(spec, params, "timm")
   assert not any(k.startswith("decoder") for k in enc_sd)
   vspec, vparams, _ = hub.import_state_dict(_np_sd(enc_sd))
   assert vspec == {k: v for k, v in spec.items() if not k.startswith("decoder")} | {"arch": "vit"}
-  _assert_bit_exact(vparams, params["encoder"])
+  assert_bit_exact(vparams, params["encoder"])
   # The encoder of an MAE file, on request; its decoder is reported.
   _, vp2, notes = hub.import_state_dict(_np_sd(full), "vit")
-  _assert_bit_exact(vp2, params["encoder"])
+  assert_bit_exact(vp2, params["encoder"])
   assert any(n.startswith("dropped: ") and "decoder_blocks.*" in n for n in notes), notes
 
 
@@ -346,7 +335,7 @@ def test_sparse_mmearth_pretraining_import_and_parity():
   # The encoder alone on request; the heads are reported, not silently dropped.
   spec_e, enc, notes = hub.import_state_dict(sparse, "convnextv2")
   assert spec_e["arch"] == "convnextv2" and spec_e["patch_size"] == 16
-  _assert_bit_exact(enc, params["encoder"])
+  assert_bit_exact(enc, params["encoder"])
   assert any("pred_dict.*" in n and n.startswith("dropped:") for n in notes), notes
 
 
@@ -441,13 +430,13 @@ def test_timm_vit_head_and_learned_pos_embed(mae):
   sd.update({"head.weight": np.zeros((10, 192), np.float32), "head.bias": np.zeros(10, np.float32),
              "fc_norm.weight": np.ones(192, np.float32), "fc_norm.bias": np.zeros(192, np.float32)})
   _, p2, notes = hub.import_state_dict(sd)
-  _assert_bit_exact(p2, params["encoder"])
+  assert_bit_exact(p2, params["encoder"])
   assert any("head.weight" in n for n in notes) and any("fc_norm" in n for n in notes)
   learned = dict(sd, pos_embed=sd["pos_embed"] + 0.01)
   with pytest.raises(ValueError, match="vit:drop_pos_embed=1"):
     hub.import_state_dict(learned)
   _, p3, _ = hub.import_state_dict(learned, "vit:drop_pos_embed=1")
-  _assert_bit_exact(p3, params["encoder"])
+  assert_bit_exact(p3, params["encoder"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +496,7 @@ def test_clear_errors(mmearth, mp_mae):
     hub.import_state_dict(vsd)
   vspec, vp, _ = hub.import_state_dict(vsd, "vit:num_heads=4")
   assert vspec["num_heads"] == 4 and vspec["img_size"] == [16, 16]
-  _assert_bit_exact(vp, vparams)
+  assert_bit_exact(vp, vparams)
   with pytest.raises(ValueError, match="unknown model"):
     hub.import_state_dict(vsd, "resnet")
   with pytest.raises(ValueError, match="does not fit"):

@@ -15,6 +15,7 @@ from mmearth_jax.interop import torch_vit as tv
 from mmearth_jax.models import vit as V
 from mmearth_jax.models.scale_mae import ScaleMAE
 from mmearth_jax.objectives.scale_mae import scale_mae_loss_terms
+from _trees import assert_bit_exact
 
 torch.set_num_threads(2)
 TOL = 1e-5
@@ -47,18 +48,6 @@ def _noise_params(model, *args, seed=0, **kw):
     return (1.0 + 0.1 * x if name == "scale" else 0.1 * x).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(leaf, shapes["params"])
-
-
-def _flat(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _assert_bit_exact(a, b):
-  fa, fb = _flat(a), _flat(b)
-  assert fa.keys() == fb.keys(), sorted(set(fa) ^ set(fb))
-  for k in fa:
-    assert fa[k].dtype == fb[k].dtype and np.array_equal(fa[k], fb[k]), k
 
 
 def _nchw(x) -> torch.Tensor:
@@ -164,8 +153,8 @@ def test_loss_matches_torch_forward_loss(case, high_loss, l1_weight, band_config
 def test_conversion_round_trip_is_bit_exact(case):
   sd = case.state_dict
   assert list(sd) == list(case.torch.state_dict())  # the release's key order
-  _assert_bit_exact(ts.torch_to_flax_scale_mae(sd), case.params)
-  _assert_bit_exact(ts.torch_to_flax_scale_mae({"model": sd}), case.params)
+  assert_bit_exact(ts.torch_to_flax_scale_mae(sd), case.params)
+  assert_bit_exact(ts.torch_to_flax_scale_mae({"model": sd}), case.params)
   # Filled on export: the fixed MAE tables for img_size and a zero mask_token_decoder.
   g = case.size // case.p
   np.testing.assert_array_equal(sd["pos_embed"][0], tv.sincos_2d_torch(64, g, g, True))
@@ -198,16 +187,16 @@ def test_hub_pth_round_trip(case, tmp_path):
   assert hub.detect_layout(loaded) == "scale_mae"
   spec2, params2, notes = hub.import_state_dict(loaded, HEADS)
   assert spec2 == spec
-  _assert_bit_exact(params2, case.params)
+  assert_bit_exact(params2, case.params)
   dropped = " ".join(n for n in notes if n.startswith("dropped:"))
   assert "pos_embed" in dropped and "mask_token_decoder" in dropped
   _, params3, _ = hub.import_state_dict(loaded, "scale_mae" + HEADS)  # forced: the same
-  _assert_bit_exact(params3, case.params)
+  assert_bit_exact(params3, case.params)
   # Its encoder alone, from the same file or the timm export.
   spec_v, enc, _ = hub.import_state_dict(loaded, "vit" + HEADS)
   assert spec_v["arch"] == "vit"
-  _assert_bit_exact(enc, case.params["encoder"])
-  _assert_bit_exact(hub.import_state_dict(hub.export_state_dict(spec, case.params, "timm"),
+  assert_bit_exact(enc, case.params["encoder"])
+  assert_bit_exact(hub.import_state_dict(hub.export_state_dict(spec, case.params, "timm"),
                                           "vit" + HEADS)[1], case.params["encoder"])
 
 
@@ -222,7 +211,7 @@ def test_hub_errors_and_fallbacks():
   lean["pos_emb_projection.bias"] = np.zeros(32, np.float32)
   spec2, params2, notes = hub.import_state_dict(lean, "scale_mae" + HEADS + ",img_size=32")
   assert spec2 == spec
-  _assert_bit_exact(params2, case.params)
+  assert_bit_exact(params2, case.params)
   assert any("pos_emb_projection.weight" in n for n in notes if n.startswith("dropped:"))
   # An incomplete decoder: forced, one error naming the keys; auto, the encoder with a note.
   broken = {k: v for k, v in sd.items() if not k.startswith("fcn.pred.")}
@@ -230,7 +219,7 @@ def test_hub_errors_and_fallbacks():
     hub.import_state_dict(broken, "scale_mae" + HEADS)
   spec3, enc, notes = hub.import_state_dict(broken, HEADS)
   assert spec3["arch"] == "vit" and any("incomplete" in n for n in notes)
-  _assert_bit_exact(enc, case.params["encoder"])
+  assert_bit_exact(enc, case.params["encoder"])
   # A mis-shaped tensor is named.
   bad = dict(sd, **{"fcn.proj.bias": np.zeros(5, np.float32)})
   with pytest.raises(ValueError, match="mis-shaped: fcn/proj/bias"):
