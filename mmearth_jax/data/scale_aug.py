@@ -37,7 +37,6 @@ Resizes use the separable matrices of `mmearth_jax.ops.resize` (equal to torch's
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -60,35 +59,9 @@ FMOW_SUFFIX = "_rgb.jpg"
 # Resizing.
 
 
-@functools.lru_cache(maxsize=2048)
-def _banded(method: str, size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
-  """(indices, weights), both (size_out, K): the nonzero band of `resize.matrix` per row."""
-  a = R.matrix(method, size_in, size_out)
-  nz = a != 0
-  lo = nz.argmax(1)
-  hi = size_in - nz[:, ::-1].argmax(1)
-  k = int((hi - lo).max())
-  lo = np.minimum(lo, size_in - k)  # keep every window inside the input
-  idx = lo[:, None] + np.arange(k)
-  return idx, np.take_along_axis(a, idx, 1).astype(np.float32)
-
-
-def _resize_rows(x: np.ndarray, size: int, method: str) -> np.ndarray:
-  idx, w = _banded(method, x.shape[0], size)
-  out = w[:, 0, None, None] * x[idx[:, 0]]
-  for j in range(1, idx.shape[1]):
-    out += w[:, j, None, None] * x[idx[:, j]]
-  return out
-
-
 def resize_image(x: np.ndarray, size: int, method: str) -> np.ndarray:
-  """(H, W, C) float32 -> (size, size, C) float32, as `resize.resize` (torch's interpolate)."""
-  if x.shape[0] == size and x.shape[1] == size:
-    return x
-  y = _resize_rows(x, size, method)
-  # Rows again on the transpose: gathering whole rows is far faster than gathering columns.
-  y = _resize_rows(np.ascontiguousarray(y.transpose(1, 0, 2)), size, method)
-  return np.ascontiguousarray(y.transpose(1, 0, 2))
+  """(H, W, C) float32 -> (size, size, C) float32, as torch's interpolate (`ops.resize`)."""
+  return R.resize(x, (size, size), method)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ is rounded to a whole number of patches (at least one); the GSD follows the size
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import ml_collections
@@ -101,7 +102,6 @@ def scaled_size(size: int, fraction: float, unit: int) -> int:
 
 
 def _resized(data: datasets.EvalData, size: int) -> datasets.EvalData:
-  import dataclasses
   if data.images.shape[1:3] == (size, size):
     return data
   return dataclasses.replace(data, images=resize_ops.resize(
