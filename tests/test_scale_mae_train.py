@@ -72,3 +72,25 @@ def test_both_laplacian_losses_fall_on_a_batch_of_the_sample(shards64):
     params, opt, last = step(params, opt)
   for term in ("high", "low"):
     assert float(last[term]) < 0.5 * float(first[term]), (term, first, last)
+
+
+def test_every_config_variant_builds_the_papers_shapes():
+  """Each variant of configs/scale_mae.py loads and builds its model; vitl is the paper's ViT-L/16
+  (timm's vit_large_patch16_224 encoder without head and pos_embed: 303,099,904 parameters) whose
+  heads predict 448 px (high band) and 224 px (low band) from a 224 px input."""
+  for variant in ("vitl", "vitb", "vitb_s2", "demo"):
+    cfg = config_lib.load(f"{CONFIG}:{variant}", [])
+    spec = pretrained.spec_from_config(cfg)
+    assert spec["arch"] == "scale_mae" and spec["in_chans"] == (12 if variant == "vitb_s2" else 3)
+  cfg = config_lib.load(f"{CONFIG}:vitl", [])
+  model = pretrained.build(pretrained.spec_from_config(cfg))
+  x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  gsd = jax.ShapeDtypeStruct((1,), jnp.float32)
+  shapes = jax.eval_shape(lambda x, g: model.init({"params": jax.random.key(0),
+                                                   "masking": jax.random.key(1)}, x, g), x, gsd)
+  n_encoder = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes["params"]["encoder"]))
+  assert n_encoder == 303_099_904
+  high, low, mask = jax.eval_shape(
+      lambda v, x, g: model.apply(v, x, g, rngs={"masking": jax.random.key(2)}), shapes, x, gsd)
+  assert high.shape == (1, 448, 448, 3) and low.shape == (1, 224, 224, 3)
+  assert mask.shape == (1, 196)
