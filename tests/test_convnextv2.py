@@ -137,3 +137,33 @@ def test_masked_path_works_for_non_square_inputs():
   y = jax.jit(model.apply)(params, x, pm)
   assert y.shape == (1, 7, 4, 32)
   assert float(jnp.abs(y[0, 2, 1]).max()) == 0.0 and float(jnp.abs(y[0, 2, 2]).max()) > 0
+
+
+@pytest.mark.parametrize("stem,patch", [("official", 16), ("mmearth", 8)])
+def test_stage_outputs_are_the_pyramid_the_encoder_computes(stem, patch):
+  model = cx.ConvNeXtV2(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem=stem, patch_size=patch)
+  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  params = model.init(jax.random.key(1), x)
+  stages = model.apply(params, x, return_stages=True)
+  rows = cx.stage_geometries(64, stem, patch)
+  assert [s.shape for s in stages] == [(2, g.size, g.size, d) for g, d in zip(rows, model.dims)]
+  np.testing.assert_array_equal(stages[-1], model.apply(params, x))
+
+
+def test_simmim_mask_token_replaces_exactly_the_masked_patches():
+  """SimMIM masking (GFM's student): a masked 32 px patch's pixels cannot reach the output except
+  through the token; a visible patch's pixels do; no mask changes nothing."""
+  model = cx.ConvNeXtV2(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem="official")
+  x = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
+  params = model.init(jax.random.key(1), x)
+  token = jax.random.normal(jax.random.key(2), (8,))
+  mask = jnp.array([[[1.0, 0.0], [0.0, 0.0]]])  # top-left 32 px patch masked
+  run = lambda im, m=mask: model.apply(params, im, m, mask_token=token, return_stages=True)[0]
+  out = run(x)
+  np.testing.assert_allclose(run(x.at[:, :32, :32].add(5.0)), out, atol=1e-6)
+  assert float(jnp.abs(run(x.at[:, 32:, 32:].add(5.0)) - out).max()) > 1e-2
+  np.testing.assert_allclose(run(x, jnp.zeros((1, 2, 2))), model.apply(params, x,
+                                                                       return_stages=True)[0],
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="patch_mask"):
+    model.apply(params, x, mask_token=token)

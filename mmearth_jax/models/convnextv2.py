@@ -245,8 +245,25 @@ class ConvNeXtV2(nn.Module):
     return self.stem_norm(self.stem_conv(x))
 
   def __call__(self, x: jnp.ndarray, patch_mask: jnp.ndarray | None = None, *,
-               train: bool = False) -> jnp.ndarray:
+               train: bool = False, return_stages: bool = False,
+               mask_token: jnp.ndarray | None = None) -> jnp.ndarray | list[jnp.ndarray]:
+    """`return_stages`: the output of each of the 4 stages (strides 4/8/16/32 with the official
+    stem) instead of the last one, for dense heads (U-Net) and intermediate-feature distillation.
+
+    `mask_token` (C0,) switches `patch_mask` to SimMIM masking: the stem output at masked
+    positions is replaced by the token and the network runs densely (no FCMAE sparsity).
+    """
     x = x.astype(self.dtype)
+    if mask_token is not None:
+      if patch_mask is None:
+        raise ValueError("mask_token needs a patch_mask")
+      mask_patch = x.shape[1] // patch_mask.shape[1]  # SimMIM's mask patch (32), not the stem's
+      rows = stage_geometries(x.shape[1], self.stem, self.patch_size)
+      cols = stage_geometries(x.shape[2], self.stem, self.patch_size)
+      visible = stage_masks(patch_mask, rows[:1], mask_patch, cols[:1])[0].astype(self.dtype)
+      x = self._stem(x)
+      x = x * visible + mask_token.astype(self.dtype) * (1 - visible)
+      return self._stages(x, [None] * 4, train, return_stages)
     masks = [None] * 4
     stem_visible = None
     if patch_mask is not None:
@@ -258,6 +275,10 @@ class ConvNeXtV2(nn.Module):
         g0 = [_Geometry(0.5, 1.0, n).conv(3, 1, 0) for n in x.shape[1:3]]
         stem_visible = stage_masks(patch_mask, g0[:1], self.patch_size, g0[1:])[0].astype(self.dtype)
     x = self._stem(x, stem_visible=stem_visible)
+    return self._stages(x, masks, train, return_stages)
+
+  def _stages(self, x, masks, train, return_stages):
+    outs = []
     for i in range(4):
       if i > 0:
         x = self.downsample_norms[i - 1](x)
@@ -266,13 +287,13 @@ class ConvNeXtV2(nn.Module):
         x = self.downsample_convs[i - 1](x)
       for blk in self.blocks[i]:
         x = blk(x, masks[i], train)
-    if masks[3] is not None:
-      x = x * masks[3]
+      outs.append(x if masks[i] is None else x * masks[i])
+    x = outs[-1]
     if self.is_initializing():  # create the pooled-feature norm and head parameters too
       pooled = self.norm(jnp.mean(x, axis=(1, 2)))
       if self.num_classes:
         self.head(pooled)
-    return x
+    return outs if return_stages else x
 
   def features(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
     """LayerNorm of the global average pool (the reference's forward_features)."""
