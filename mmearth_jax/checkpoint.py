@@ -10,6 +10,7 @@ checkpoint. A step that exists but cannot be read is reported, moved to
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import Any, Callable
@@ -17,6 +18,27 @@ from typing import Any, Callable
 import grain
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import type_handlers
+
+# Replica-parallel saving splits each replicated array across its replicas, which compiles a
+# slicing program per array shape: the first save of a small model on 8 devices took 26 s instead
+# of 1 s. Keep it for arrays big enough to gain from it (large replicated tensors on a pod).
+REPLICA_PARALLEL_MIN_BYTES = 4 << 20
+
+
+def _register_array_handler() -> None:
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)  # Orbax warns that it replaces its default handler
+  try:
+    type_handlers.register_type_handler(
+        jax.Array, type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+  finally:
+    absl_log.setLevel(level)
+
+
+_register_array_handler()
 
 
 class Checkpointer:

@@ -40,3 +40,20 @@ def shards128(sample128, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("shards128"))
   convert.convert(sample128, out, shards=2, log=lambda *a: None)
   return out
+
+
+@pytest.fixture(scope="module")
+def jax_compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache, in a fresh folder, for one module's duration (off again
+  afterwards): a program the module compiles a second time in this process (the same training
+  config run again, a periodic evaluation's features function jitted again) is loaded instead of
+  compiled. What runs is the same executable either way."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  old = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", path)
+  cc.reset_cache()  # the cache is set up once per process; make it see the new folder
+  yield path
+  jax.config.update("jax_compilation_cache_dir", old)
+  cc.reset_cache()

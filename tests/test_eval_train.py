@@ -19,13 +19,18 @@ from mmearth_jax.eval import datasets, features
 from mmearth_jax.interop import hub, torch_io
 
 
+# A program compiled again in this process (each periodic evaluation jits the features function
+# anew) is loaded from JAX's persistent compilation cache (conftest).
+pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
+
+
 def cli(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "mmearth_jax", *args], env=cpu_env(devices),
                         cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def run_dir(shards64, tmp_path_factory):
+def run_dir(shards64, tmp_path_factory, jax_compilation_cache):
   workdir = str(tmp_path_factory.mktemp("eval_run"))
   cfg = config_lib.load(f"{CONFIG}:demo", tiny(
       shards64, "eval.every_steps=8", f"eval.dataset=mmearth:{shards64}",

@@ -27,6 +27,10 @@ from mmearth_jax.parallel import mesh as mesh_lib
 
 CONFIG = os.path.join(REPO, "configs", "mp_mae.py")
 
+# In this process, a program compiled a second time (the reference run's config trained again) is
+# loaded from JAX's persistent compilation cache rather than compiled again (conftest).
+pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
+
 
 def tiny(data: str, *extra: str) -> list[str]:
   """Overrides for a seconds-to-compile MP-MAE on the 64 px sample (56 px crops, 8 px patches)."""
@@ -60,6 +64,15 @@ def kill_after_checkpoint(proc: subprocess.Popen, workdir, timeout_s: float = 30
 
 def losses(rows: dict[int, dict]) -> dict[int, float]:
   return {s: r["loss"] for s, r in sorted(rows.items())}
+
+
+def with_compilation_cache(env: dict, cache_dir) -> dict:
+  """`env` with JAX's persistent compilation cache in `cache_dir` (every program, however quick
+  to compile): a job's restart loads what its first launch compiled instead of compiling it
+  again, as a restarted job with a compilation cache does. Give each test its own empty folder,
+  so that the first launch compiles afresh."""
+  return {**env, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 # ---------------------------------------------------------------------------------- configs
@@ -142,7 +155,7 @@ def test_vit_tensor_parallel_rules_give_the_same_outputs():
   from mmearth_jax.models.vit import ViT
   model = ViT(patch_size=8, embed_dim=64, depth=2, num_heads=4)
   x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
-  params = model.init(jax.random.key(1), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), x)["params"]
   cfg = mesh_lib.default_config()
   cfg.update({"data": 2, "fsdp": 2, "tensor": 2})
   mesh = mesh_lib.make_mesh(cfg)
@@ -167,7 +180,7 @@ def test_remat_and_bfloat16_switches():
   x = jax.random.normal(jax.random.key(0), (2, 56, 56, 12))
   kw = dict(outputs=outputs, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), patch_size=8,
             decoder_dim=16)
-  params = MPMAE(**kw).init(jax.random.key(1), x, jnp.zeros((2, 7, 7)))["params"]
+  params = jax.jit(MPMAE(**kw).init)(jax.random.key(1), x, jnp.zeros((2, 7, 7)))["params"]
   rng = np.random.default_rng(0)
   batch = {"image": x, "targets": {}, "valid": {}}
   for name, bands in outputs.items():
@@ -207,7 +220,7 @@ def test_remat_and_bfloat16_switches():
 
 
 @pytest.fixture(scope="module")
-def reference_run(shards64, tmp_path_factory):
+def reference_run(shards64, tmp_path_factory, jax_compilation_cache):
   """12 uninterrupted steps on the 8-device mesh data=2 x fsdp=4."""
   workdir = tmp_path_factory.mktemp("reference")
   rows = run(shards64, workdir, "train.num_steps=12", "mesh.fsdp=4")
@@ -251,14 +264,18 @@ def test_fsdp_mesh_gives_the_single_device_losses(shards64, reference_run, tmp_p
 
 
 def test_resume_after_kill_9_repeats_the_uninterrupted_losses(shards64, reference_run, tmp_path):
-  """A real process, killed with SIGKILL mid-run (perhaps mid-save), restarted: same losses."""
+  """A real process, killed with SIGKILL mid-run (perhaps mid-save), restarted: same losses.
+
+  The first process compiles afresh (its steps must equal the in-process reference's bit for
+  bit); the restart loads that compiled step from the compilation cache."""
   _, ref = reference_run
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "mmearth_jax", "train", "--config", f"{CONFIG}:demo",
          "--workdir", str(workdir), *[f"--config.{o}" for o in
                                       tiny(shards64, "train.num_steps=12", "mesh.fsdp=4")]]
+  env = with_compilation_cache(cpu_env(8), tmp_path / "jax_cache")
   log = open(tmp_path / "first.log", "w+")
-  proc = subprocess.Popen(cmd, env=cpu_env(8), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                           start_new_session=True)
   jsonl = workdir / "metrics.jsonl"
   kill_after_checkpoint(proc, workdir)
@@ -267,7 +284,7 @@ def test_resume_after_kill_9_repeats_the_uninterrupted_losses(shards64, referenc
   killed_at = max(metrics.read_jsonl(str(jsonl)))
   assert 6 <= killed_at < 12
 
-  out = subprocess.run(cmd, env=cpu_env(8), cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stdout + out.stderr
   resumed = int(out.stdout.split("resumed from ")[1].split()[0].rsplit("/", 1)[1])
   assert 4 <= resumed <= killed_at
@@ -320,9 +337,10 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(shards64, refer
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(shards64, tmp_path):
+  # One device: what is checked is the loop's guard and its checkpoints, not the sharding.
   with pytest.raises(train.TrainingError, match=r"non-finite loss at step (\d+)") as err:
     run(shards64, tmp_path, "train.num_steps=40", "checkpoint.every_steps=2",
-        "optimizer.base_lr=1e12", "optimizer.warmup_steps=4")
+        "optimizer.base_lr=1e12", "optimizer.warmup_steps=4", "mesh.num_devices=1")
   step = int(err.value.args[0].split("non-finite loss at step ")[1].split()[0])
   msg = err.value.args[0]
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
@@ -337,7 +355,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(shards64, tmp_path):
   cmd = [sys.executable, "-m", "mmearth_jax", "train", "--config", f"{CONFIG}:demo",
          "--workdir", str(workdir), *[f"--config.{o}" for o in
                                       tiny(shards64, "train.num_steps=100000",
-                                           "checkpoint.every_steps=100000")]]
+                                           "checkpoint.every_steps=100000",
+                                           # the signal path, not the sharding, is checked
+                                           "mesh.num_devices=1")]]
   proc = subprocess.Popen(cmd, env=cpu_env(8), cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   jsonl = workdir / "metrics.jsonl"

@@ -11,7 +11,8 @@ is rounded to a whole number of patches (at least one); the GSD follows the size
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+import json
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -78,6 +79,18 @@ def evaluate_features(train_x: np.ndarray, train: datasets.EvalData, test_x: np.
   return out
 
 
+_FEATURE_FNS: dict[tuple[str, float | None], Callable] = {}
+
+
+def _features_fn(spec: Mapping[str, Any], gsd: float | None = None) -> Callable:
+  """pretrained.features_fn, one function object per (spec, gsd): jit caches its compilation on
+  the function's identity, so evaluations during training compile once, not every time."""
+  key = (json.dumps(spec, sort_keys=True, default=str), gsd)
+  if key not in _FEATURE_FNS:
+    _FEATURE_FNS[key] = pretrained.features_fn(spec, gsd=gsd)
+  return _FEATURE_FNS[key]
+
+
 def split_features(fn, params: Any, train: datasets.EvalData, test: datasets.EvalData,
                    **kw) -> tuple[np.ndarray, np.ndarray]:
   """Features of both splits in one pass (one parameter placement, one compiled shape)."""
@@ -119,14 +132,14 @@ def evaluate(spec: Mapping[str, Any], params: Any, train: datasets.EvalData,
   pretrained.check_images(pretrained.encoder_spec(spec), train.images, train.name)
   kw = dict(batch_size=batch_size, mesh=mesh, rules=rules, min_size=min_size)
   if tuple(scales) == (1.0,) and not gsd:
-    train_x, test_x = split_features(pretrained.features_fn(spec), enc, train, test, **kw)
+    train_x, test_x = split_features(_features_fn(spec), enc, train, test, **kw)
     return evaluate_features(train_x, train, test_x, test, evaluators, ks)
   native = train.images.shape[1]
   out: dict[str, float] = {}
   per_scale = []
   for fraction in scales:
     size = scaled_size(native, float(fraction), _patch(spec))
-    fn = pretrained.features_fn(spec, gsd=gsd * native / size if gsd else None)
+    fn = _features_fn(spec, gsd * native / size if gsd else None)
     tr, te = _resized(train, size), _resized(test, size)
     train_x, test_x = split_features(fn, enc, tr, te, **kw)
     result = evaluate_features(train_x, tr, test_x, te, evaluators, ks)
