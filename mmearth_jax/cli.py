@@ -160,6 +160,12 @@ def _to_torch(args) -> int:
   from mmearth_jax import pretrained
   from mmearth_jax.interop import hub, torch_io
   model = pretrained.load(args.checkpoint)
+  if isinstance(model.spec.get("encoder"), dict):
+    # A pretraining wrapper (GFM's SimMIM student, the dense contrastive model): export the
+    # encoder, the part users fine-tune.
+    model = pretrained.Pretrained(pretrained.encoder_spec(model.spec),
+                                  pretrained.encoder_params(model.spec, model.params),
+                                  model.source)
   state_dict = hub.export_state_dict(model.spec, model.params, args.layout)
   torch_io.save_state_dict(state_dict, args.out)
   print(f"wrote {len(state_dict)} tensors ({args.layout} layout, {model.spec['arch']}) to "

@@ -16,6 +16,10 @@ A spec is a JSON-able description of the architecture, one of
   {"arch": "mae", <the vit keys>, "decoder_embed_dim", "decoder_depth", "decoder_num_heads"}
   {"arch": "scale_mae", <the mae keys>, "fcn_dim", "fcn_layers", "independent_fcn_head",
    "progressive", "out_chans", "pos_layout"}
+  {"arch": "gfm", "encoder": <a convnextv2 or vit spec>, "distill_layer", "teacher_dim"}
+    (GFM's SimMIM student, `models.gfm.SimMIM`; its encoder is `params["encoder"]`)
+  {"arch": "dense_contrastive", "encoder": <a convnextv2 spec>, "feature_stage",
+   "projector_*"} (`models.dense_contrastive.DenseContrastive`; encoder in `params["encoder"]`)
 A ViT's optional "pos_layout" ("concat", MAE's and the released Scale-MAE's; or "interleave", the
 Scale-MAE paper's) orders its sin-cos channels.
 `bands` names the encoder's input channels in order (MMEarth band names), or None if unknown.
@@ -38,13 +42,16 @@ import orbax.checkpoint as ocp
 
 from mmearth_jax.data import modalities as M
 from mmearth_jax.models.convnextv2 import VARIANTS, ConvNeXtV2
+from mmearth_jax.models import dense_contrastive
+from mmearth_jax.models.gfm import SimMIM
 from mmearth_jax.models.mp_mae import MPMAE
 from mmearth_jax.models.scale_mae import ScaleMAE
 from mmearth_jax.models.vit import MAE, VIT_VARIANTS, ViT
 
 FORMAT = "mmearth_jax.model/1"
 ENCODER_ARCHS = ("convnextv2", "vit")
-ARCHS = ("convnextv2", "mp_mae", "vit", "mae", "scale_mae")
+ARCHS = ("convnextv2", "mp_mae", "vit", "mae", "scale_mae", "gfm", "dense_contrastive")
+WRAPPERS = ("gfm", "dense_contrastive")  # pretraining models whose spec["encoder"] is the encoder
 _VIT_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans", "img_size",
              "bands", "pos_layout")
 
@@ -73,6 +80,11 @@ def spec_from_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> d
   c = config if isinstance(config, Mapping) else config.to_dict()
   if c.get("method") == "scale_mae":
     return _scale_mae_spec(c)
+  if c.get("method") == "gfm":
+    return _gfm_spec(c)
+  if c.get("method") == "dense_contrastive":
+    bands = list(M.resolve_input(c["data"]["input"]))
+    return dense_contrastive.spec_from_config(c, len(bands), bands)
   if c.get("method") != "mp_mae":
     raise CheckpointError(f"config method {c.get('method')!r}: no model spec known for it")
   m, d = c["model"], c["data"]
@@ -85,15 +97,18 @@ def spec_from_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> d
           "outputs": {k: list(v) for k, v in outputs.items()}}
 
 
+def _image_bands(d: Mapping[str, Any]) -> tuple[list[str] | None, int]:
+  """(bands, channels) of the images an image-folder / tfds or shards data section feeds."""
+  if d.get("images"):
+    return (["B4", "B3", "B2"] if len(d["mean"]) == 3 else None), len(d["mean"])
+  bands = list(M.resolve_input(d["input"]))
+  return bands, len(bands)
+
+
 def _scale_mae_spec(c: Mapping[str, Any]) -> dict:
   m, d = c["model"], c["data"]
   size = VIT_VARIANTS[m["variant"]]
-  if d.get("images"):
-    bands = ["B4", "B3", "B2"] if len(d["mean"]) == 3 else None
-    in_chans = len(d["mean"])
-  else:
-    bands = list(M.resolve_input(d["input"]))
-    in_chans = len(bands)
+  bands, in_chans = _image_bands(d)
   return {"arch": "scale_mae", "patch_size": int(m["patch_size"]),
           "embed_dim": int(m["embed_dim"] or size["embed_dim"]),
           "depth": int(m["depth"] or size["depth"]),
@@ -108,6 +123,29 @@ def _scale_mae_spec(c: Mapping[str, Any]) -> dict:
           "pos_layout": "concat" if m["pos_variant"] == "code" else "interleave"}
 
 
+def _gfm_spec(c: Mapping[str, Any]) -> dict:
+  m, d, o = c["model"], c["data"], c["objective"]
+  bands, in_chans = _image_bands(d)
+  if m["arch"] == "convnextv2":
+    depths, dims = VARIANTS[m["variant"]]
+    enc = {"arch": "convnextv2", "depths": list(m["depths"] or depths),
+           "dims": list(m["dims"] or dims), "stem": "official",
+           "patch_size": int(o["mask_patch"]), "in_chans": in_chans, "num_classes": 0,
+           "bands": bands}
+  elif m["arch"] == "vit":
+    size = VIT_VARIANTS[m["variant"]]
+    enc = {"arch": "vit", "patch_size": int(m["patch_size"]),
+           "embed_dim": int(m["embed_dim"] or size["embed_dim"]),
+           "depth": int(m["depth"] or size["depth"]),
+           "num_heads": int(m["num_heads"] or size["num_heads"]), "mlp_ratio": 4.0,
+           "in_chans": in_chans, "img_size": int(d["resized_crop"]["size"]), "bands": bands,
+           "pos_layout": "concat"}
+  else:
+    raise CheckpointError(f"config model.arch {m['arch']!r}: GFM encoders are convnextv2 or vit")
+  return {"arch": "gfm", "encoder": enc, "distill_layer": int(o["distill_layer"]),
+          "teacher_dim": 0}
+
+
 def encoder_spec(spec: Mapping[str, Any]) -> dict:
   """The spec of the encoder inside `spec` (itself if it is an encoder)."""
   arch = spec["arch"]
@@ -118,16 +156,24 @@ def encoder_spec(spec: Mapping[str, Any]) -> dict:
     return {"arch": "convnextv2", **{k: spec[k] for k in keep}, "num_classes": 0}
   if arch in ("mae", "scale_mae"):
     return {"arch": "vit", **{k: spec[k] for k in _VIT_KEYS if k in spec}}
+  if arch in WRAPPERS:
+    return dict(spec["encoder"])
   raise CheckpointError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 
 def encoder_params(spec: Mapping[str, Any], params: Mapping) -> Mapping:
-  return params["encoder"] if spec["arch"] in ("mp_mae", "mae", "scale_mae") else params
+  return params["encoder"] if spec["arch"] in ("mp_mae", "mae", "scale_mae", *WRAPPERS) else params
 
 
 def build(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32):
   """The Flax module `spec` describes."""
   arch = spec.get("arch")
+  if arch == "dense_contrastive":
+    return dense_contrastive.from_spec(spec, dtype)
+  if arch == "gfm":
+    return SimMIM(encoder=build(spec["encoder"], dtype),
+                  distill_layer=int(spec.get("distill_layer", -2)),
+                  teacher_dim=int(spec.get("teacher_dim", 0)))
   if arch in ("convnextv2", "mp_mae"):
     common = dict(depths=tuple(spec["depths"]), dims=tuple(spec["dims"]), stem=spec["stem"],
                   patch_size=int(spec["patch_size"]), dtype=dtype)

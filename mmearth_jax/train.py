@@ -32,9 +32,14 @@ from mmearth_jax import pretrained
 from mmearth_jax.data import convert, pipeline
 from mmearth_jax.data import modalities as M
 from mmearth_jax.eval import evaluate as eval_lib
+from mmearth_jax.models import gfm as gfm_model
+from mmearth_jax.models.dense_contrastive import DenseContrastive
+from mmearth_jax.models.dense_contrastive import init_params as dense_contrastive_init
 from mmearth_jax.models.mp_mae import MPMAE
 from mmearth_jax.models.scale_mae import ScaleMAE
 from mmearth_jax.models.vit import VIT_VARIANTS
+from mmearth_jax.objectives.dense_contrastive import dense_contrastive_loss, objective_kwargs
+from mmearth_jax.objectives.gfm import gfm_loss
 from mmearth_jax.objectives.mp_mae import mp_mae_loss
 from mmearth_jax.objectives.scale_mae import scale_mae_loss
 from mmearth_jax.parallel import mesh as mesh_lib
@@ -77,10 +82,15 @@ def default_config() -> ml_collections.ConfigDict:
 class Task:
   """What the loop needs from a method."""
   init: Callable[[jax.Array, Mapping[str, Any]], Any]  # (rng, batch) -> params
-  loss: Callable[[Any, Mapping[str, Any], jax.Array], tuple[jax.Array, dict]]
+  # (params, batch, rng) -> (loss, aux); (params, batch, rng, teacher) with a teacher
+  loss: Callable[..., tuple[jax.Array, dict]]
   layer_id: Callable[[tuple[str, ...]], int] | None
   num_layers: int
   batch_keys: tuple[str, ...] = ("image", "targets", "valid")  # what the step reads
+  # A frozen teacher: () -> its parameters as host arrays, nested like the part of `params`
+  # they mirror (e.g. {"encoder": ...}). Loaded once, kept in state["teacher"] beside (not in)
+  # the params, so the optimizer never sees it; see `_place_teacher`.
+  teacher: Callable[[], Any] | None = None
 
 
 def mp_mae_task(config: ml_collections.ConfigDict, outputs: Mapping[str, Any]) -> Task:
@@ -134,7 +144,87 @@ def scale_mae_task(config: ml_collections.ConfigDict, outputs: Mapping[str, Any]
   return Task(init, loss, None, 0, batch_keys=("image", "target", "gsd"))
 
 
-TASKS = {"mp_mae": mp_mae_task, "scale_mae": scale_mae_task}
+def gfm_task(config: ml_collections.ConfigDict, outputs: Mapping[str, Any]) -> Task:
+  """GFM: a SimMIM student distilled from a frozen teacher of the same encoder architecture
+  (config.teacher.checkpoint, e.g. an ImageNet-22k model imported by `mmearth-jax from-torch`)."""
+  del outputs  # the student reconstructs its own (augmented) input
+  c, o, t = config.model, config.objective, config.teacher
+  encoder = gfm_model.build_encoder(
+      c.arch, c.variant, depths=tuple(c.depths), dims=tuple(c.dims), patch_size=c.patch_size,
+      embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads, mask_patch=o.mask_patch,
+      drop_path_rate=c.drop_path_rate, dtype=DTYPES[c.dtype], remat=c.remat)
+  model = gfm_model.SimMIM(encoder=encoder, distill_layer=o.distill_layer)
+  if t.init_student not in ("random", "teacher"):
+    raise TrainingError(f"config teacher.init_student = {t.init_student!r}; choose 'random' "
+                        "(GFM's) or 'teacher'")
+
+  def init(rng, batch):
+    images = jnp.zeros((1, *batch["image"].shape[1:]), jnp.float32)
+    gh = images.shape[1] // o.mask_patch
+    gw = images.shape[2] // o.mask_patch
+    return model.init(rng, images, jnp.zeros((1, gh, gw)))["params"]
+
+  def loss(params, batch, rng, teacher):
+    total, terms = gfm_loss(model, params, teacher, batch, rng, mask_patch=o.mask_patch,
+                            mask_ratio=o.mask_ratio, alpha=o.alpha, teacher_size=t.image_size)
+    return total, {f"loss/{k}": v for k, v in terms.items()}
+
+  def load_teacher():
+    return {"encoder": _teacher_encoder(config)}
+
+  if c.arch == "vit":
+    return Task(init, loss, lambda path: optim.vit_layer_id(path, encoder.depth), encoder.depth,
+                batch_keys=("image",), teacher=load_teacher)
+  return Task(init, loss, lambda path: optim.convnextv2_layer_id(path), 12,
+              batch_keys=("image",), teacher=load_teacher)
+
+
+def _teacher_encoder(config: ml_collections.ConfigDict) -> dict:
+  """The encoder parameters of config.teacher.checkpoint (host arrays); a classifier head is
+  left out (the teacher only gives intermediate features)."""
+  path = config.teacher.checkpoint
+  if not path:
+    raise TrainingError("config teacher.checkpoint is empty: GFM needs a frozen teacher, e.g. a "
+                        "model folder written by `mmearth-jax from-torch --checkpoint "
+                        "convnextv2_base_22k_224_ema.pt --out DIR` (see configs/gfm.py)")
+  try:
+    model = pretrained.load(path)
+  except pretrained.CheckpointError as e:
+    raise TrainingError(f"config teacher.checkpoint = {path!r}: {e}") from e
+  spec = pretrained.encoder_spec(model.spec)
+  if spec["arch"] != config.model.arch:
+    raise TrainingError(f"config teacher.checkpoint = {path!r} holds a {spec['arch']} encoder but "
+                        f"config model.arch = {config.model.arch!r}: the teacher must have the "
+                        "student's architecture")
+  if spec["arch"] == "vit":  # heads leave no trace in the shapes
+    heads = config.model.num_heads or VIT_VARIANTS[config.model.variant]["num_heads"]
+    if int(spec["num_heads"]) != heads:
+      raise TrainingError(f"config teacher.checkpoint = {path!r} is a ViT with "
+                          f"{spec['num_heads']} attention heads but the student has {heads} "
+                          "(config model.num_heads / model.variant)")
+  params = pretrained.encoder_params(model.spec, model.params)
+  return {k: v for k, v in params.items() if k != "head"}
+
+
+def dense_contrastive_task(config: ml_collections.ConfigDict, outputs: Mapping[str, Any]
+                           ) -> Task:
+  """Dense contrastive pretraining (Embedding Earth): InfoNCE between the dense features of two
+  views of each tile, made on device from the pipeline's Sentinel-2 crops."""
+  del outputs  # only the input image is read; the pipeline's targets go unused
+  model = DenseContrastive.from_config(config.model, config.objective)
+  kw = objective_kwargs(config.objective)
+
+  def init(rng, batch):
+    return dense_contrastive_init(model, rng, batch["image"])
+
+  def loss(params, batch, rng):
+    return dense_contrastive_loss(model, params, batch, rng, **kw)
+
+  return Task(init, loss, lambda path: optim.convnextv2_layer_id(path), 12, batch_keys=("image",))
+
+
+TASKS = {"mp_mae": mp_mae_task, "scale_mae": scale_mae_task, "gfm": gfm_task,
+         "dense_contrastive": dense_contrastive_task}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,13 +244,16 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
 
 def state_shardings(abstract_state: Mapping[str, Any], tx: optax.GradientTransformation,
                     mesh, rules, min_size: int) -> dict:
-  """NamedShardings for {step, params, opt_state, rng}: params by the rules, optimizer moments
-  like their parameters, everything else replicated."""
+  """NamedShardings for {step, params, opt_state, rng[, teacher]}: params by the rules,
+  optimizer moments like their parameters, everything else replicated. A teacher mirrors part
+  of the params under the same paths, so the same rules lay it out exactly like them."""
   pspecs = mesh_lib.param_specs(abstract_state["params"], mesh, rules, min_size)
   ospecs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_state["opt_state"], pspecs,
                                  transform_non_params=lambda _: P(),
                                  is_leaf=lambda x: isinstance(x, P))
   specs = {"step": P(), "params": pspecs, "opt_state": ospecs, "rng": P()}
+  if "teacher" in abstract_state:
+    specs["teacher"] = mesh_lib.param_specs(abstract_state["teacher"], mesh, rules, min_size)
   return mesh_lib.to_shardings(specs, mesh)
 
 
@@ -171,13 +264,16 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
 
   def train_step(state, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(state["params"], batch, rng)
+    # The teacher is an argument, not a parameter: no gradient, no update, no optimizer moments.
+    teacher = (state["teacher"],) if "teacher" in state else ()
+    (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(state["params"], batch, rng,
+                                                                     *teacher)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-           "rng": state["rng"]}
+           "rng": state["rng"], **{"teacher": t for t in teacher}}
     keep_old = {**state, "step": state["step"] + 1}
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, keep_old)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"] // accum),
@@ -228,9 +324,10 @@ def _make_data(config: ml_collections.ConfigDict):
   """(this host's batch iterator, records per epoch, input bands, outputs) of the method."""
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   data_cfg.num_epochs = 0  # the loop decides when to stop; the pipeline repeats
-  if config.method == "scale_mae":
+  if config.method in ("scale_mae", "gfm"):
     from mmearth_jax.data import scale_aug
-    it, info = scale_aug.make_dataset(data_cfg)
+    make = scale_aug.make_dataset if config.method == "scale_mae" else scale_aug.make_crop_dataset
+    it, info = make(data_cfg)
     return iter(it), info["num_records"], info["bands"], {}
   manifest = convert.load_manifest(config.data.path)
   input_bands, outputs, _ = pipeline.resolve_config(config.data, manifest)
@@ -283,6 +380,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   first = next(data_iter)  # shapes for init; then rewound (or moved by the restore)
   data_iter.set_state(fresh)
   abstract_params = jax.eval_shape(task.init, jax.random.key(0), first)
+  teacher = _check_teacher(task.teacher(), abstract_params, config) if task.teacher else None
   tx, schedule = optim.make_optimizer(opt_cfg, abstract_params, global_batch=gbs * accum,
                                       total_steps=max(total // accum, 1),
                                       layer_id=task.layer_id, num_layers=task.num_layers)
@@ -293,6 +391,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
 
   abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
+  if teacher is not None:  # checkpointed with the state: a resumed run needs nothing else
+    abstract_state["teacher"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                             teacher)
   shardings = state_shardings(abstract_state, tx, mesh, config.mesh.rules,
                               config.mesh.fsdp_min_size)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -304,10 +405,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                        use_async=config.checkpoint.use_async, log=log)
   state = checkpointer.restore(abstract_state, data_iter)
   if state is None:
-    state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(config.seed))
+    init_shardings = {k: v for k, v in shardings.items() if k != "teacher"}
+    state = jax.jit(init_state, out_shardings=init_shardings)(jax.random.key(config.seed))
     log(f"initialised {_count(state['params']):,} parameters; training {total} steps")
     if config.init_from:
       state["params"] = _init_from(state["params"], config.init_from, log)
+    if teacher is not None:
+      state = _place_teacher(state, teacher, shardings, config.teacher.init_student, log)
   else:
     log(f"resumed from {checkpointer.directory}/{int(state['step'])}")
   start = int(state["step"])
@@ -340,6 +444,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   first: dict = {}
   last: dict = {}
   pending = None  # previous step's metrics: read one step late so the device stays busy
+  window: list = []  # this log interval's metrics (device arrays, fetched at log time)
   t0, n0 = time.perf_counter(), start
   try:
     with _Preemption() as preemption:
@@ -350,12 +455,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if pending is not None:
           _stop_if_not_finite(*pending, checkpointer)
         pending = (step + 1, metrics)
+        window.append(metrics)
         done = step + 1
         if bar is not None:
           bar.update(1)
         if done % config.train.log_every == 0 or done == total:
           _stop_if_not_finite(*pending, checkpointer)
-          host = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+          # Means over the interval: one batch's loss is too noisy to compare across logs.
+          fetched = jax.device_get(window)
+          host = {k: float(np.mean([m[k] for m in fetched])) for k in metrics
+                  if k not in ("finite", "lr")}
+          host["lr"] = float(fetched[-1]["lr"])
+          window = []
           dt = time.perf_counter() - t0
           host["step_time_s"] = dt / (done - n0)
           host["images_per_s"] = gbs * (done - n0) / dt
@@ -443,6 +554,52 @@ def _init_from(params: Any, path: str, log) -> Any:
     dst[k] = jax.device_put(jnp.asarray(v, dst[k].dtype), dst[k].sharding)
   log(f"initialised {len(src)} of {len(dst)} parameter tensors from {model.source}")
   return traverse_util.unflatten_dict(dst)
+
+
+def _check_teacher(teacher: Any, abstract_params: Any, config: ml_collections.ConfigDict
+                   ) -> dict:
+  """The teacher (host arrays) in the parameters' dtypes, after checking that it holds exactly
+  the tensors, with the same shapes, of the params subtrees it mirrors."""
+  have = traverse_util.flatten_dict(teacher)
+  want = {k: v for k, v in traverse_util.flatten_dict(abstract_params).items()
+          if k[0] in teacher}
+  problems = []
+  for k, v in want.items():
+    if k not in have:
+      problems.append(f"{'/'.join(k)} {tuple(v.shape)} is missing from the teacher")
+    elif tuple(np.shape(have[k])) != tuple(v.shape):
+      problems.append(f"{'/'.join(k)} is {tuple(np.shape(have[k]))} in the teacher but "
+                      f"{tuple(v.shape)} in the student")
+  problems += [f"{'/'.join(k)} is in the teacher but not in the student" for k in have
+               if k not in want]
+  if problems:
+    raise TrainingError(f"config teacher.checkpoint = {config.teacher.checkpoint!r} does not fit "
+                        f"the student (config model.*): {problems[0]}"
+                        + (f" (and {len(problems) - 1} more mismatches)" if len(problems) > 1
+                           else ""))
+  return traverse_util.unflatten_dict(
+      {k: np.asarray(have[k], want[k].dtype) for k in want})
+
+
+def _place_teacher(state: dict, teacher: Any, shardings: Mapping[str, Any], init_student: str,
+                   log) -> dict:
+  """state with state["teacher"] laid out by its shardings; with init_student == "teacher" the
+  student's mirrored parameters start as copies of it (separate buffers: the step donates
+  the state)."""
+  def put(x, sharding):  # every process holds the whole array; each device takes its shard
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+  state = {**state, "teacher": jax.tree.map(put, teacher, shardings["teacher"])}
+  n = len(jax.tree.leaves(teacher))
+  if init_student == "teacher":
+    params = traverse_util.flatten_dict(state["params"])
+    for k, v in traverse_util.flatten_dict(teacher).items():
+      params[k] = put(v, params[k].sharding)
+    state["params"] = traverse_util.unflatten_dict(params)
+    log(f"teacher: {n} frozen tensors; the student's copies of them start as the teacher")
+  else:
+    log(f"teacher: {n} frozen tensors; the student starts from random weights")
+  return state
 
 
 def _stop_if_not_finite(step: int, metrics: Mapping[str, Any], checkpointer) -> None:

@@ -31,6 +31,10 @@ Each batch is a dict of numpy arrays, all finite:
     gsd         (B,) float32                    ground sample distance scale of `image`
     target_gsd  (B,) float32                    the same for `target`
 
+GFM / SimMIM's augmentation (`make_crop_dataset`, data section `data.resized_crop`) reads the same
+sources and replaces the scale augmentation by torchvision's RandomResizedCrop(size, scale,
+ratio) (10 tries, then a centre crop; bilinear) and a horizontal flip, giving {"image"} alone.
+
 Resizes use the separable matrices of `mmearth_jax.ops.resize` (equal to torch's
 `F.interpolate`), applied as banded gathers: each output pixel reads 2 or 4 inputs, so a
 448 px bicubic resize costs a few ms instead of a dense matrix product.
@@ -144,6 +148,81 @@ class ScaleAugment(grain.transforms.RandomMap):
   __call__ = random_map
 
 
+def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
+                            ratio: tuple[float, float], rng: np.random.Generator
+                            ) -> tuple[int, int, int, int]:
+  """(top, left, crop height, crop width) by torchvision's RandomResizedCrop.get_params: up to
+  10 draws of area fraction U(scale) and log-uniform aspect ratio w/h in `ratio` until the box
+  fits, else a centre crop with the aspect clamped to `ratio`."""
+  area = height * width
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  for _ in range(10):
+    target = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    h, w = height, width
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+class ResizedCrop(grain.transforms.RandomMap):
+  """{"image": (H, W, C)} -> {"image": (size, size, C)}: a RandomResizedCrop (bilinear, as
+  torch's interpolate without antialiasing) then a horizontal flip with probability 1/2 (GFM's
+  SimMIMTransform order). `return_box` adds "box": (top, left, height, width) of the crop."""
+
+  def __init__(self, size: int, scale_min: float = 0.67, scale_max: float = 1.0,
+               ratio_min: float = 3 / 4, ratio_max: float = 4 / 3, flip: bool = True,
+               return_box: bool = False):
+    if not size > 0:
+      raise ValueError(f"config data.resized_crop.size = {size} must be > 0")
+    for name, v in (("scale_min", scale_min), ("scale_max", scale_max)):
+      if not (math.isfinite(v) and 0 < v <= 1):
+        raise ValueError(f"config data.resized_crop.{name} = {v} must be in (0, 1] (a fraction "
+                         "of the image area)")
+    if scale_min > scale_max:
+      raise ValueError(f"config data.resized_crop.scale_min = {scale_min} is larger than "
+                       f"scale_max = {scale_max}")
+    if not (0 < ratio_min <= ratio_max and math.isfinite(ratio_max)):
+      raise ValueError(f"config data.resized_crop.ratio_min / ratio_max = {ratio_min} / "
+                       f"{ratio_max} must satisfy 0 < ratio_min <= ratio_max (width / height)")
+    self.size = int(size)
+    self.scale = (float(scale_min), float(scale_max))
+    self.ratio = (float(ratio_min), float(ratio_max))
+    self.flip = bool(flip)
+    self.return_box = bool(return_box)
+
+  @classmethod
+  def from_config(cls, rc: ml_collections.ConfigDict, **kw) -> "ResizedCrop":
+    return cls(rc.size, rc.scale_min, rc.scale_max, rc.ratio_min, rc.ratio_max, rc.flip, **kw)
+
+  def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict:
+    x = np.asarray(element["image"], np.float32)
+    if x.ndim != 3:
+      raise ValueError(f"ResizedCrop expects an (H, W, C) image, got shape {x.shape}")
+    top, left, h, w = random_resized_crop_box(x.shape[0], x.shape[1], self.scale, self.ratio,
+                                              rng)
+    crop = np.ascontiguousarray(x[top:top + h, left:left + w])
+    image = R.resize(crop, (self.size, self.size), "bilinear")
+    if self.flip and rng.random() < 0.5:
+      image = np.ascontiguousarray(image[:, ::-1])
+    out = {"image": image.astype(np.float32, copy=False)}
+    if self.return_box:
+      out["box"] = np.asarray([top, left, h, w], np.int32)
+    return out
+
+  __call__ = random_map
+
+
 # ---------------------------------------------------------------------------------------------
 # Sources.
 
@@ -244,7 +323,7 @@ class TfdsImages(_ImageExample):
 class _Example(grain.transforms.RandomMap):
   """load then augment, sharing the example's generator (one random_map, one seed)."""
 
-  def __init__(self, load, augment: ScaleAugment):
+  def __init__(self, load, augment: grain.transforms.RandomMap):
     self.load = load
     self.augment = augment
 
@@ -296,10 +375,15 @@ def _check_norm(cfg: ml_collections.ConfigDict, channels: int | None, where: str
                      f"{len(mean)} values")
 
 
-def build_source(cfg: ml_collections.ConfigDict) -> tuple[Any, Any, dict]:
-  """(random-access source, per-record loader (record, rng) -> {"image"}, info) for `cfg`."""
+def build_source(cfg: ml_collections.ConfigDict, pre_crop: int | None = None
+                 ) -> tuple[Any, Any, dict]:
+  """(random-access source, per-record loader (record, rng) -> {"image"}, info) for `cfg`.
+
+  `pre_crop` (image folders / tfds): None reads data.scale.pre_crop (Scale-MAE's configs)."""
   images = cfg.get("images", "") or ""
-  pre_crop = int(cfg.scale.get("pre_crop", 0) or 0)
+  if pre_crop is None:
+    pre_crop = cfg.scale.get("pre_crop", 0) if "scale" in cfg else 0
+  pre_crop = int(pre_crop or 0)
   if pre_crop < 0:
     raise ValueError(f"config data.scale.pre_crop = {pre_crop} must be >= 0 (0 = off)")
   if not images:
@@ -332,16 +416,33 @@ def make_dataset(cfg: ml_collections.ConfigDict, *, process_index: int | None = 
                  return_crop: bool = False) -> tuple[grain.IterDataset, dict]:
   """(this host's iterator of batches, {"num_records", "bands", "channels"}) for the `data`
   section `cfg` of a Scale-MAE config (see configs/scale_mae.py)."""
+  if "scale" not in cfg:
+    raise KeyError("config data.scale is missing (see configs/scale_mae.py)")
+  augment = ScaleAugment.from_config(cfg.scale, return_crop=return_crop)
+  return _make(cfg, augment, None, process_index, process_count)
+
+
+def make_crop_dataset(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
+                      process_count: int | None = None,
+                      return_box: bool = False) -> tuple[grain.IterDataset, dict]:
+  """The same for GFM's augmentation (`data.resized_crop`, see configs/gfm.py): batches
+  {"image": (B, size, size, C)}."""
+  if "resized_crop" not in cfg:
+    raise KeyError("config data.resized_crop is missing (see configs/gfm.py)")
+  augment = ResizedCrop.from_config(cfg.resized_crop, return_box=return_box)
+  return _make(cfg, augment, cfg.resized_crop.get("pre_crop", 0), process_index, process_count)
+
+
+def _make(cfg: ml_collections.ConfigDict, augment: grain.transforms.RandomMap,
+          pre_crop: int | None, process_index: int | None, process_count: int | None
+          ) -> tuple[grain.IterDataset, dict]:
   if process_index is None or process_count is None:
     import jax  # only for the host's place in the job
     process_index, process_count = jax.process_index(), jax.process_count()
-  if "scale" not in cfg:
-    raise KeyError("config data.scale is missing (see configs/scale_mae.py)")
   if cfg.global_batch_size % process_count:
     raise ValueError(f"config data.global_batch_size = {cfg.global_batch_size} is not divisible "
                      f"by the {process_count} processes")
-  augment = ScaleAugment.from_config(cfg.scale, return_crop=return_crop)
-  source, load, info = build_source(cfg)
+  source, load, info = build_source(cfg, pre_crop)
   if info["num_records"] == 0:
     raise ValueError("config data.images / data.path: the source has no records")
   ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed)

@@ -10,6 +10,9 @@ path) and a final LayerNorm.
 MAE masking keeps a static number K of patch tokens per sample, so every shape is static and one
 compilation serves every mask: the encoder gathers the kept tokens (`ops.gather_tokens`), the
 decoder scatters them back among mask tokens (`ops.scatter_tokens`, MAE's concat + unshuffle).
+SimMIM masking (GFM's student, `models/gfm.py`) instead keeps every token and replaces the patch
+embeddings of masked patches by a mask token the caller owns (`patch_mask` + `mask_token`), and
+`return_blocks` hands out intermediate block outputs (GFM distils the next-to-last one).
 
 Parameter trees (plain nested dicts) mirror the PyTorch names: `patch_embed`, `cls_token`
 (1, 1, D), `blocks_<i>/{norm1, attn/{qkv, proj}, norm2, mlp/{fc1, fc2}}`, `norm`; the MAE nests
@@ -19,7 +22,7 @@ dtype (e.g. bfloat16). Attention softmax and LayerNorm statistics run in float32
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -198,20 +201,45 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, ids_keep: jnp.ndarray | None = None,
-               train: bool = False, pos_scale: jnp.ndarray | None = None) -> jnp.ndarray:
+               train: bool = False, pos_scale: jnp.ndarray | None = None,
+               patch_mask: jnp.ndarray | None = None, mask_token: jnp.ndarray | None = None,
+               return_blocks: Sequence[int] = ()
+               ) -> jnp.ndarray | tuple[jnp.ndarray, list[jnp.ndarray]]:
     """images (N, H, W, C) -> tokens (N, 1 + K, D), CLS first.
 
     K = L (all patches) without `ids_keep`, else the (N, K) kept patch ids (row-major over the
     grid); only those tokens enter the blocks. `pos_scale` (N,) multiplies the position-grid
     coordinates per sample (Scale-MAE's GSD ratio); None means the plain MAE embedding.
+
+    `mask_token` (D,) with `patch_mask` (N, mh, mw), 1 = masked: SimMIM masking. The patch
+    embedding of every masked patch is replaced by the token before the position embedding is
+    added (as SimMIM's ViT), and all L tokens enter the blocks. The mask grid may be coarser than
+    the patch grid (SimMIM masks 32 px cells over 16 px patches): each mask cell then covers
+    (gh / mh) x (gw / mw) patches.
+
+    `return_blocks` (block indices, negative counting from the end, e.g. (-2,) for the output of
+    block depth - 2): returns (tokens, [those blocks' outputs (N, 1 + K, D), before the final
+    norm]) instead of the tokens alone.
     """
     n, h, w, _ = images.shape
     gh, gw = patch_grid(h, w, self.patch_size)
     d, p = self.embed_dim, self.patch_size
+    wanted = [_block_index(b, self.depth) for b in return_blocks]
 
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", kernel_init=_patch_init,
                 dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed")(images)
     x = x.reshape(n, gh * gw, d)  # row-major patches, as torch's flatten(2).transpose(1, 2)
+    if mask_token is not None:
+      if patch_mask is None:
+        raise ValueError("mask_token (SimMIM masking) needs a patch_mask")
+      if ids_keep is not None:
+        raise ValueError("ids_keep (MAE masking) and mask_token (SimMIM masking) exclude each "
+                         "other")
+      masked = token_mask(patch_mask, gh, gw)[..., None]  # (N, L, 1)
+      x = jnp.where(masked, mask_token.astype(x.dtype), x)
+    elif patch_mask is not None:
+      raise ValueError("patch_mask needs a mask_token (SimMIM masking); MAE masking takes "
+                       "ids_keep")
 
     pos = sincos_2d(d, gh, gw, scale=1.0 if pos_scale is None else pos_scale, cls_token=True,
                     layout=self.pos_layout)
@@ -225,10 +253,36 @@ class ViT(nn.Module):
     x = jnp.concatenate([cls, x], axis=1)
 
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+    outs = {}
     for i in range(self.depth):
       x = _block(self.remat)(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
                              name=f"blocks_{i}")(x, train)
-    return _layer_norm("norm", self.dtype)(x)
+      if i in wanted:
+        outs[i] = x
+    x = _layer_norm("norm", self.dtype)(x)
+    if return_blocks:
+      return x, [outs[i] for i in wanted]
+    return x
+
+
+def _block_index(index: int, depth: int) -> int:
+  """A block index (negative from the end) as 0..depth-1; a clear error when out of range."""
+  if not -depth <= int(index) < depth:
+    raise ValueError(f"block {index} does not exist in a ViT of depth {depth} (valid: "
+                     f"{-depth}..{depth - 1})")
+  return int(index) % depth
+
+
+def token_mask(patch_mask: jnp.ndarray, grid_h: int, grid_w: int) -> jnp.ndarray:
+  """(N, mh, mw) mask (1 = masked) on a grid that divides the (grid_h, grid_w) patch grid ->
+  (N, grid_h * grid_w) bool per patch token, row-major (each mask cell repeated over its
+  patches, SimMIM's MaskGenerator `repeat`)."""
+  n, mh, mw = patch_mask.shape
+  if grid_h % mh or grid_w % mw:
+    raise ValueError(f"the {mh}x{mw} mask grid does not divide the {grid_h}x{grid_w} patch grid: "
+                     "the mask patch must be a multiple of the ViT patch size")
+  m = jnp.repeat(jnp.repeat(patch_mask, grid_h // mh, axis=1), grid_w // mw, axis=2)
+  return m.reshape(n, grid_h * grid_w) > 0
 
 
 class MAE(nn.Module):
