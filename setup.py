@@ -28,7 +28,8 @@ setup(
     extras_require={
         # The CPU build; a looser range pulls the newest CUDA build and several GB with it.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest>=9,<10", "portpicker>=1.6"],
+        # xdist: the suite runs in 2 processes (one per core of the CI machine).
+        "test": ["pytest>=9,<10", "pytest-xdist>=3.6,<4", "portpicker>=1.6"],
         # The Colab notebook, executed headless by the test suite.
         "notebook": ["papermill>=2.6,<3", "nbclient>=0.10", "ipykernel>=6", "matplotlib>=3.8"],
     },

@@ -208,6 +208,44 @@ def _from_torch(args) -> int:
   return 0
 
 
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in text.split(",") if x.strip()) if text else ()
+
+
+def _segment(args) -> int:
+  import json
+  from mmearth_jax.eval import segmentation as seg
+  if not 0.0 < args.label_fraction <= 1.0:
+    raise ValueError(f"--label-fraction must be in (0, 1] (0.01 = 1 % of the training tiles), "
+                     f"got {args.label_fraction}")
+  bands = args.bands.split(",") if args.bands else ()
+  enc, params, source = seg.resolve_encoder(
+      args.checkpoint, variant=args.variant, depths=_ints(args.depths), dims=_ints(args.dims),
+      stem=args.stem, patch_size=args.patch_size, bands=bands)
+  kw = dict(data_dir=args.data_dir, partition=args.partition,
+            max_examples=args.max_examples or None, image_size=args.image_size or None)
+  train = seg.load_segmentation(args.dataset, args.train_split, enc["bands"], **kw)
+  test = seg.load_segmentation(args.dataset, args.test_split, enc["bands"], **kw)
+  cfg = seg.FinetuneConfig(
+      epochs=args.epochs, steps=args.steps, max_steps=args.max_steps, batch_size=args.batch_size,
+      lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, weight_decay=args.weight_decay,
+      warmup_steps=args.warmup_steps, freeze_fraction=args.freeze_fraction,
+      flips=not args.no_flips, decoder_dims=_ints(args.decoder_dims), seed=args.seed)
+  print(f"{args.dataset}: {len(train.images)} train / {len(test.images)} test tiles of "
+        f"{train.images.shape[1]}x{train.images.shape[2]} px, {train.num_classes} classes; "
+        f"encoder: {source}")
+  result = seg.run(enc, params, train, test, cfg, label_fraction=args.label_fraction,
+                   subset_seed=args.seed, log=print)
+  print(f"fine-tuned on {result['train_tiles']} tiles ({100 * args.label_fraction:g} % of the "
+        f"labels), {result['steps']} steps ({result['epochs']:g} epochs, encoder frozen for "
+        f"{result['freeze_steps']}); test IoU:")
+  print(seg.format_metrics(result))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"dataset": args.dataset, "encoder": source, **result}, f, indent=2)
+  return 0
+
+
 def _add_eval_args(e: argparse.ArgumentParser) -> None:
   e.add_argument("--checkpoint", required=True, help="training workdir, step folder or model "
                  "folder (from-torch)")
@@ -324,6 +362,55 @@ def build_parser() -> argparse.ArgumentParser:
   pr.add_argument("--kind", default="linear,lsq", help="linear, lsq or both (default both)")
   pr.set_defaults(func=_probe)
 
+  sg = sub.add_parser("segment", help="fine-tune a U-Net segmenter on an encoder and report mIoU",
+                      description="Fine-tune a U-Net decoder on the four ConvNeXt V2 stages of a "
+                      "pretrained encoder (or a random one) on a fraction of a segmentation "
+                      "dataset's training tiles, MMEarth's way (AdamW + cosine, the encoder "
+                      "frozen for the first part of training), then report per-class IoU, mIoU "
+                      "and pixel accuracy on the test split.")
+  sg.add_argument("--dataset", required=True, help="mmearth:<shards folder> (land-cover maps) or "
+                  "geobench:<segmentation task folder> (m-cashew-plant, m-SA-crop-type, ...)")
+  sg.add_argument("--checkpoint", default="random", help="training workdir, step folder or model "
+                  "folder of a ConvNeXt V2 / MP-MAE model; 'random' (default) for random init")
+  sg.add_argument("--variant", default="atto", help="random init: ConvNeXt V2 variant")
+  sg.add_argument("--depths", default="", help="random init: blocks per stage, e.g. 1,1,1,1")
+  sg.add_argument("--dims", default="", help="random init: widths per stage, e.g. 16,32,64,64")
+  sg.add_argument("--stem", default="mmearth", choices=("mmearth", "official"),
+                  help="random init: MMEarth's stem or the official 4x4 one")
+  sg.add_argument("--patch-size", type=int, default=8, help="random init: the stem's patch size")
+  sg.add_argument("--bands", default="", help="encoder input bands, comma separated (random init "
+                  "default: the 12 MMEarth input bands)")
+  sg.add_argument("--label-fraction", type=float, default=1.0,
+                  help="fraction of the training tiles whose labels are used, e.g. 0.01 (a seeded "
+                  "subset, at least one tile)")
+  sg.add_argument("--epochs", type=float, default=200.0,
+                  help="passes over the labelled tiles (MMEarth: 200; default 200)")
+  sg.add_argument("--steps", type=int, default=0, help="> 0: this many steps instead of --epochs")
+  sg.add_argument("--max-steps", type=int, default=0, help="> 0: cap on the steps of --epochs")
+  sg.add_argument("--freeze-fraction", type=float, default=0.25,
+                  help="encoder frozen for this fraction of the steps (MMEarth: 50 of 200 "
+                  "epochs = 0.25)")
+  sg.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+  sg.add_argument("--encoder-lr-scale", type=float, default=1.0,
+                  help="encoder peak lr = lr x this once unfrozen (default 1)")
+  sg.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+  sg.add_argument("--warmup-steps", type=int, default=5,
+                  help="linear warmup of the decoder's lr, and of the encoder's once unfrozen")
+  sg.add_argument("--batch-size", type=int, default=8, help="tiles per step (default 8)")
+  sg.add_argument("--no-flips", action="store_true", help="no random flips")
+  sg.add_argument("--decoder-dims", default="", help="U-Net widths, deepest first, e.g. 64,32,16 "
+                  "(default: the encoder's)")
+  sg.add_argument("--image-size", type=int, default=0, help="crop (mmearth) or resize (geobench) "
+                  "to this size")
+  sg.add_argument("--max-examples", type=int, default=0, help="at most this many tiles per split")
+  sg.add_argument("--data-dir", default=None, help="base folder for a relative dataset path")
+  sg.add_argument("--partition", default="default", help="GEO-Bench partition")
+  sg.add_argument("--train-split", default="train", help="split to fine-tune on")
+  sg.add_argument("--test-split", default="test", help="split to score (mIoU) on")
+  sg.add_argument("--seed", type=int, default=0, help="label subset, decoder init, batch order")
+  sg.add_argument("--json", default="", help="also write the metrics to this JSON file")
+  sg.set_defaults(func=_segment)
+
   tt = sub.add_parser("to-torch", help="export a checkpoint to a PyTorch state dict",
                       description="Write {'model': state_dict} (.pth) or .safetensors in the "
                       "MMEarth, official ConvNeXt V2 or timm layout (ViT: timm, mae for a "
@@ -367,7 +454,8 @@ def main(argv=None) -> int:
   args.overrides = overrides
   try:
     return args.func(args)
-  except (convert_lib.ConversionError, ConfigError, ValueError, KeyError, FileNotFoundError) as e:
+  except (convert_lib.ConversionError, ConfigError, ValueError, KeyError, FileNotFoundError,
+          FloatingPointError) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"mmearth-jax {args.command}: error: {msg}", file=sys.stderr)
     return 2

@@ -1,4 +1,5 @@
-"""Downstream classification datasets for frozen-encoder evaluation (kNN, linear probes).
+"""Downstream datasets: classification for frozen-encoder evaluation (kNN, linear probes) and
+segmentation for U-Net fine-tuning (`load_segmentation`, see the end of this docstring).
 
 `load(dataset, split, bands)` returns an `EvalData`: every image of one split in memory, as
 float32 `(N, H, W, C)` with the channels in the ENCODER's band order (`bands`, MMEarth
@@ -41,6 +42,15 @@ Normalisation:
 half-pixel centres, edge-clamped: like `jax.image.resize(method="linear")`); mmearth tiles are
 centre-cropped. Memory: the whole split is held as float32, e.g. m-bigearthnet's 20k train
 images at 120 px with 12 bands are 14 GB; pass `image_size` or `max_examples` to bound it.
+
+Segmentation (`load_segmentation` -> `SegmentationData`: the same images plus a per-pixel class
+map, -1 = no label):
+  mmearth   the tiles' land-cover maps (ESA WorldCover if stored, else Dynamic World), the same
+            tiles, split, z-score and centre crop as the classification loader.
+  geobench  a GEO-Bench segmentation task: the sample files hold the class map as an HDF5
+            dataset named "label" (geobench's `write_sample_hdf5` appends the label `Band`, whose
+            band info is a `SegmentationClasses` named "label", to the bands); the class count
+            and names come from `task_specs.pkl`, else from that band info.
 """
 from __future__ import annotations
 
@@ -56,7 +66,8 @@ import numpy as np
 
 from mmearth_jax.data import modalities as M
 from mmearth_jax.eval import geobench_format as G
-from mmearth_jax.eval.geobench_format import write_geobench_sample  # noqa: F401 (public API)
+from mmearth_jax.eval.geobench_format import (  # noqa: F401 (public API)
+    write_geobench_sample, write_geobench_segmentation_sample)
 
 
 class EvalDataError(ValueError):
@@ -347,8 +358,9 @@ def _geobench_labels_info(folder: str, task: str, partition: str, first_label) -
   """num_classes / class_names / multilabel: task_specs.pkl, else the samples themselves."""
   specs = G.read_task_specs(folder)
   multilabel = not isinstance(first_label, int)
-  if specs is not None and specs["label_type"] == "SemanticSegmentation":
-    raise EvalDataError(f"{folder}: a segmentation task; only classification is supported")
+  if specs is not None and specs.get("segmentation"):
+    raise EvalDataError(f"{folder}: a segmentation task (label type {specs['label_type']}); "
+                        "load it with `load_segmentation` (CLI: `mmearth-jax segment`)")
   if specs is not None and specs["multilabel"] == multilabel:
     return specs
   if multilabel:
@@ -366,9 +378,59 @@ def _geobench_labels_info(folder: str, task: str, partition: str, first_label) -
   return {"num_classes": top + 1, "class_names": None, "multilabel": False}
 
 
-def _load_geobench(folder: str, split: str, bands: tuple[str, ...], partition: str,
-                   max_examples: int | None, image_size: int | None, fill: str,
-                   fix_band_names: bool) -> EvalData:
+@dataclasses.dataclass
+class _GeoBenchSplit:
+  """What reading the images of one split of a GEO-Bench task needs (see `_geobench_split`)."""
+  folder: str
+  task: str
+  split: str
+  partition: str
+  names: list[str]
+  ds_names: list[str]  # HDF5 dataset of each image channel, in file order
+  mapping: BandMapping
+  mu: np.ndarray
+  inv: np.ndarray
+  first_path: str
+  first_attrs: dict
+
+  def image(self, path: str, f: h5py.File, attrs: dict) -> np.ndarray:
+    """The sample's channels, normalised, in the encoder's band order: (H, W, C) float32."""
+    here = [c[0] for c in G.sample_bands(f, attrs)]
+    if here != self.ds_names:
+      raise EvalDataError(f"{path}: bands {here} differ from the first sample's {self.ds_names}")
+    raw = {}
+    for i in self.mapping.used:
+      try:
+        raw[i] = np.asarray(f[self.ds_names[i]], np.float32)
+      except (OSError, KeyError) as e:
+        raise EvalDataError(f"{path}: cannot read dataset {self.ds_names[i]!r}: {e}") from None
+      if raw[i].ndim == 3 and raw[i].shape[-1] == 1:
+        raw[i] = raw[i][..., 0]
+      if raw[i].ndim != 2:
+        raise EvalDataError(f"{path}: dataset {self.ds_names[i]!r} has shape {raw[i].shape}; "
+                            "expected one (H, W) band (time series are not supported)")
+    # Bands of different resolutions are brought to the largest grid, as geobench does.
+    h = max(a.shape[0] for a in raw.values())
+    w = max(a.shape[1] for a in raw.values())
+    norm = {i: _finite((resize(a, (h, w)) - self.mu[i]) * self.inv[i]) for i, a in raw.items()}
+    x = np.zeros((h, w, len(self.mapping.indices)), np.float32)
+    for k, i in enumerate(self.mapping.indices):
+      if i is not None:
+        x[..., k] = norm[i]
+    return x
+
+  def samples(self):
+    """(path, open file, attrs) of every sample of the split, in partition order."""
+    for name in self.names:
+      path, f = _open_sample(self.folder, name, self.split, self.partition)
+      with f:
+        yield path, f, G.read_attrs(f)
+
+
+def _geobench_split(folder: str, split: str, bands: tuple[str, ...], partition: str,
+                    max_examples: int | None, fill: str, fix_band_names: bool) -> _GeoBenchSplit:
+  """Partition, band mapping and normalisation of one split (shared by classification and
+  segmentation tasks: the image side of the format is the same)."""
   folder = os.path.normpath(folder)
   if not os.path.isdir(folder):
     raise EvalDataError(f"{folder}: GEO-Bench task folder not found")
@@ -386,12 +448,10 @@ def _load_geobench(folder: str, split: str, bands: tuple[str, ...], partition: s
   with f:
     attrs = G.read_attrs(f)
     channels = G.sample_bands(f, attrs)
-    first_label = G.sample_label(path, f, attrs)
   ds_names = [c[0] for c in channels]
   band_names = [c[1] for c in channels]
   mmearth = [fixes[b] if b in fixes else geobench_band_name(b, k) for _, b, k in channels]
   mapping = band_mapping(mmearth, bands, fill=fill, dataset=f"{folder} (bands {band_names})")
-  info = _geobench_labels_info(folder, task, partition, first_label)
 
   # Normalisation of the channels that are read.
   mean = np.zeros(len(channels), np.float64)
@@ -408,41 +468,27 @@ def _load_geobench(folder: str, split: str, bands: tuple[str, ...], partition: s
     mean[s2_used] *= scale
     std[s2_used] *= scale
   mu, inv = _zscore_params(mean, std)
+  return _GeoBenchSplit(folder, task, split, partition, names, ds_names, mapping, mu, inv, path,
+                        attrs)
 
+
+def _load_geobench(folder: str, split: str, bands: tuple[str, ...], partition: str,
+                   max_examples: int | None, image_size: int | None, fill: str,
+                   fix_band_names: bool) -> EvalData:
+  gs = _geobench_split(folder, split, bands, partition, max_examples, fill, fix_band_names)
+  with h5py.File(gs.first_path, "r") as f:
+    first_label = G.sample_label(gs.first_path, f, gs.first_attrs)
+  info = _geobench_labels_info(gs.folder, gs.task, partition, first_label)
   images, labels = [], []
-  for name in names:
-    path, f = _open_sample(folder, name, split, partition)
-    with f:
-      attrs = G.read_attrs(f)
-      here = [c[0] for c in G.sample_bands(f, attrs)]
-      if here != ds_names:
-        raise EvalDataError(f"{path}: bands {here} differ from the first sample's {ds_names}")
-      raw = {}
-      for i in mapping.used:
-        try:
-          raw[i] = np.asarray(f[ds_names[i]], np.float32)
-        except (OSError, KeyError) as e:
-          raise EvalDataError(f"{path}: cannot read dataset {ds_names[i]!r}: {e}") from None
-        if raw[i].ndim == 3 and raw[i].shape[-1] == 1:
-          raw[i] = raw[i][..., 0]
-        if raw[i].ndim != 2:
-          raise EvalDataError(f"{path}: dataset {ds_names[i]!r} has shape {raw[i].shape}; "
-                              "expected one (H, W) band (time series are not supported)")
-      label = G.sample_label(path, f, attrs)
-    # Bands of different resolutions are brought to the largest grid, as geobench does.
-    h = max(a.shape[0] for a in raw.values())
-    w = max(a.shape[1] for a in raw.values())
-    norm = {i: _finite((resize(a, (h, w)) - mu[i]) * inv[i]) for i, a in raw.items()}
-    x = np.zeros((h, w, len(bands)), np.float32)
-    for k, i in enumerate(mapping.indices):
-      if i is not None:
-        x[..., k] = norm[i]
+  for path, f, attrs in gs.samples():
+    x = gs.image(path, f, attrs)
+    label = G.sample_label(path, f, attrs)
     images.append(resize(x, image_size) if image_size else x)
     if isinstance(label, int) == info["multilabel"]:
       raise EvalDataError(f"{path}: label {label!r} does not match the task's "
                           f"{'multi-label' if info['multilabel'] else 'single-label'} type")
     labels.append(label)
-  return _finish(images, labels, info, f"{task}/{split}", mapping)
+  return _finish(images, labels, info, f"{gs.task}/{split}", gs.mapping)
 
 
 def _finish(images: list[np.ndarray], labels: list, info: dict, name: str,
@@ -641,16 +687,29 @@ def mmearth_split(tile_id: str) -> str:
   return "train" if h % 100 < MMEARTH_TRAIN_PERCENT else "test"
 
 
-def _load_mmearth(folder: str, split: str, bands: tuple[str, ...], max_examples: int | None,
-                  image_size: int | None, fill: str) -> EvalData:
-  """Tiles of converted MMEarth shards labelled by their dominant land-cover class.
+@dataclasses.dataclass
+class _MMEarthSplit:
+  """One split of converted MMEarth shards, tile by tile (see `_mmearth_split_tiles`)."""
+  folder: str
+  stem: str
+  label_name: str  # "esa_worldcover" or "dynamic_world"
+  num_classes: int
+  class_names: list[str]
+  mapping: BandMapping
+  tiles: Any  # iterator of (image (h, w, C) float32, land-cover map (h, w) int64, -1 = missing)
 
-  Label: the most frequent ESA WorldCover class (11 classes) over the valid pixels of the
-  (cropped) tile; Dynamic World (9 classes) when the shards do not store WorldCover. Tiles with
-  no valid label pixel are skipped. Split: a fixed hash of the tile id, 80 % train / 20 % test
-  (`mmearth_split`); the converter's recorded split is not used because the upstream release
-  puts every tile in "train" (its val / test lists are empty). Images: the Sentinel-2 bands
-  z-scored exactly as the training pipeline does, centre-cropped to `image_size`.
+
+def _mmearth_split_tiles(folder: str, split: str, bands: tuple[str, ...],
+                         image_size: int | None, fill: str) -> _MMEarthSplit:
+  """The tiles of one split with their land-cover maps, shared by the classification loader
+  (dominant class) and the segmentation loader (the map itself).
+
+  Label map: ESA WorldCover (11 classes) when the shards store it, else Dynamic World (9), with
+  the reference loader's remaps; no-data -> -1. Split: a fixed hash of the tile id, 80 % train /
+  20 % test (`mmearth_split`); the converter's recorded split is not used because the upstream
+  release puts every tile in "train" (its val / test lists are empty). Images: the Sentinel-2
+  bands z-scored exactly as the training pipeline does; image and map centre-cropped to
+  `image_size`.
   """
   from mmearth_jax.data import pipeline, records  # grain-based: import only when needed
   from mmearth_jax.data.convert import ConversionError, load_manifest, shard_paths
@@ -684,33 +743,158 @@ def _load_mmearth(folder: str, split: str, bands: tuple[str, ...], max_examples:
     lut[raw] = cls
   source = pipeline.ShardSource(shard_paths(folder, manifest),
                                 [s["num_records"] for s in manifest["shards"]])
+
+  def tiles():
+    for r in range(len(source)):
+      arrays, meta = records.decode(source[r])
+      if mmearth_split(meta["tile_id"]) != split:
+        continue
+      x = arrays["sentinel2"]
+      y = lut[arrays[label_name][..., 0]]
+      if image_size:
+        x, y = _center_crop(x, image_size), _center_crop(y, image_size)
+      z, _ = transform._zscore(s2, x, transform.input_idx, meta["S2_type"])
+      yield _finite(z.astype(np.float32, copy=False)), y
+
+  classes = (M.ESA_WORLDCOVER_CLASSES if label_name == "esa_worldcover"
+             else M.DYNAMIC_WORLD_CLASSES)
+  stem = manifest.get("source_stem", os.path.basename(os.path.normpath(folder)))
+  return _MMEarthSplit(folder, stem, label_name, lab.num_classes, list(classes), mapping,
+                       tiles())
+
+
+def _load_mmearth(folder: str, split: str, bands: tuple[str, ...], max_examples: int | None,
+                  image_size: int | None, fill: str) -> EvalData:
+  """Tiles of converted MMEarth shards labelled by their dominant land-cover class.
+
+  Label: the most frequent class of the tile's land-cover map (`_mmearth_split_tiles`) over its
+  valid pixels; tiles with no valid label pixel are skipped.
+  """
+  ms = _mmearth_split_tiles(folder, split, bands, image_size, fill)
   images, labels = [], []
-  for r in range(len(source)):
-    arrays, meta = records.decode(source[r])
-    if mmearth_split(meta["tile_id"]) != split:
-      continue
-    x = arrays["sentinel2"]
-    y = lut[arrays[label_name][..., 0]]
-    if image_size:
-      x, y = _center_crop(x, image_size), _center_crop(y, image_size)
+  for z, y in ms.tiles:
     y = y[y >= 0]
     if not y.size:
       continue  # no labelled pixel: nothing to evaluate against
-    z, _ = transform._zscore(s2, x, transform.input_idx, meta["S2_type"])
-    images.append(_finite(z.astype(np.float32, copy=False)))
-    labels.append(int(np.bincount(y, minlength=lab.num_classes).argmax()))
+    images.append(z)
+    labels.append(int(np.bincount(y, minlength=ms.num_classes).argmax()))
     if max_examples and len(images) >= max_examples:
       break
   if not images:
     raise EvalDataError(f"mmearth:{folder}: split {split!r} has no labelled tiles")
-  classes = (M.ESA_WORLDCOVER_CLASSES if label_name == "esa_worldcover"
-             else M.DYNAMIC_WORLD_CLASSES)
-  info = {"num_classes": lab.num_classes, "class_names": list(classes), "multilabel": False}
-  stem = manifest.get("source_stem", os.path.basename(os.path.normpath(folder)))
-  return _finish(images, labels, info, f"mmearth:{stem}/{split}", mapping)
+  info = {"num_classes": ms.num_classes, "class_names": ms.class_names, "multilabel": False}
+  return _finish(images, labels, info, f"mmearth:{ms.stem}/{split}", ms.mapping)
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation: per-pixel class maps.
+
+@dataclasses.dataclass
+class SegmentationData:
+  images: np.ndarray  # float32 (N, H, W, C), channels in the encoder's band order, normalised
+  masks: np.ndarray  # int32 (N, H, W): class per pixel, -1 = no label (ignored)
+  num_classes: int
+  class_names: list[str] | None
+  name: str  # e.g. "m-cashew-plant/train"
+  mapping: BandMapping | None = None
+
+
+def load_segmentation(dataset: str, split: str, bands: Sequence[str], *,
+                      data_dir: str | None = None, partition: str = "default",
+                      max_examples: int | None = None, image_size: int | None = None,
+                      fill: str = FILL_NEAREST, fix_band_names: bool = True) -> SegmentationData:
+  """One split of a segmentation dataset, in the encoder's band order.
+
+  Args:
+    dataset: "mmearth:<shards folder>" (the land-cover maps of converted MMEarth shards: ESA
+      WorldCover if stored, else Dynamic World; split and normalisation as `load`) or
+      "geobench:<task folder>" (a GEO-Bench segmentation task: m-cashew-plant,
+      m-SA-crop-type, m-chesapeake, m-pv4ger-seg, m-nz-cattle, m-NeonTree).
+    split, bands, data_dir, partition, max_examples, fill, fix_band_names: as for `load`.
+    image_size: mmearth tiles are centre-cropped to it; GEO-Bench images resized (bilinear) and
+      their label maps resized by nearest neighbour.
+  """
+  _check_size(image_size)
+  if max_examples is not None and max_examples < 1:
+    raise EvalDataError(f"max_examples must be positive or None, got {max_examples}")
+  kind, sep, target = dataset.partition(":")
+  bands = tuple(bands)
+  if kind == "mmearth" and target:
+    return _segmentation_mmearth(_resolve(target, data_dir), split, bands, max_examples,
+                                 image_size, fill)
+  if kind == "geobench" and target:
+    return _segmentation_geobench(_resolve(target, data_dir), split, bands, partition,
+                                  max_examples, image_size, fill, fix_band_names)
+  raise EvalDataError(f"dataset {dataset!r}: segmentation data is mmearth:<shards folder> or "
+                      "geobench:<task folder>")
+
+
+def _segmentation_mmearth(folder: str, split: str, bands: tuple[str, ...],
+                          max_examples: int | None, image_size: int | None,
+                          fill: str) -> SegmentationData:
+  ms = _mmearth_split_tiles(folder, split, bands, image_size, fill)
+  images, masks = [], []
+  for z, y in ms.tiles:
+    if not (y >= 0).any():
+      continue  # no labelled pixel: nothing to train or score on
+    images.append(z)
+    masks.append(y.astype(np.int32))
+    if max_examples and len(images) >= max_examples:
+      break
+  if not images:
+    raise EvalDataError(f"mmearth:{folder}: split {split!r} has no tile with a labelled pixel")
+  return SegmentationData(np.stack(images), np.stack(masks), ms.num_classes, ms.class_names,
+                          f"mmearth:{ms.stem}/{split}", ms.mapping)
+
+
+def resize_nearest(y: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+  """(H, W) label map -> `size` by nearest neighbour (pixel centres; labels are not blended)."""
+  h, w = (size, size) if isinstance(size, int) else size
+  rows = np.minimum(((np.arange(h) + 0.5) * y.shape[0] / h).astype(int), y.shape[0] - 1)
+  cols = np.minimum(((np.arange(w) + 0.5) * y.shape[1] / w).astype(int), y.shape[1] - 1)
+  return y[rows][:, cols]
+
+
+def _segmentation_geobench(folder: str, split: str, bands: tuple[str, ...], partition: str,
+                           max_examples: int | None, image_size: int | None, fill: str,
+                           fix_band_names: bool) -> SegmentationData:
+  gs = _geobench_split(folder, split, bands, partition, max_examples, fill, fix_band_names)
+  specs = G.read_task_specs(gs.folder)
+  if specs is not None and not specs.get("segmentation"):
+    raise EvalDataError(f"{gs.folder}/task_specs.pkl: label type {specs['label_type']}, not a "
+                        "segmentation task; load it with `load` (kNN / probes)")
+  num_classes = specs["num_classes"] if specs else None
+  class_names = specs["class_names"] if specs else None
+  if num_classes is None:  # no readable task_specs.pkl: the label band's own class count
+    num_classes, class_names = G.pixel_label_classes(gs.first_attrs)
+  images, masks = [], []
+  for path, f, attrs in gs.samples():
+    x = gs.image(path, f, attrs)
+    y = G.sample_pixel_label(path, f, attrs)
+    if y.shape != x.shape[:2]:  # a label on another grid than the bands: to the bands' grid
+      y = resize_nearest(y, x.shape[:2])
+    if image_size:
+      x, y = resize(x, image_size), resize_nearest(y, image_size)
+    images.append(x)
+    masks.append(y)
+  if num_classes is None:  # neither task specs nor a class count on the label band
+    num_classes = int(max(m.max() for m in masks)) + 1
+  for name, m in zip(gs.names, masks):
+    bad = m[(m < 0) | (m >= num_classes)]
+    if bad.size:
+      raise EvalDataError(f"{os.path.join(gs.folder, name + '.hdf5')}: dataset 'label' holds "
+                          f"classes {sorted(set(bad.tolist()))[:5]} outside [0, {num_classes})")
+  shapes = {im.shape for im in images}
+  if len(shapes) > 1:
+    raise EvalDataError(f"{gs.task}/{split}: images of different shapes {sorted(shapes)}; pass "
+                        "image_size")
+  return SegmentationData(np.stack(images).astype(np.float32, copy=False),
+                          np.stack(masks).astype(np.int32), int(num_classes), class_names,
+                          f"{gs.task}/{split}", gs.mapping)
 
 
 __all__ = ["EvalData", "EvalDataError", "BandMapping", "band_mapping", "load", "resize",
            "resize_matrix", "geobench_band_name", "mmearth_split", "write_geobench_sample",
            "clear_cache", "GEOBENCH_BAND_FIXES", "GEOBENCH_STATS_SCALE", "TFDS_DATASETS",
-           "EUROSAT_TFDS_BANDS", "SO2SAT_TFDS_BANDS", "S2_WAVELENGTH_NM"]
+           "EUROSAT_TFDS_BANDS", "SO2SAT_TFDS_BANDS", "S2_WAVELENGTH_NM", "SegmentationData",
+           "load_segmentation", "resize_nearest", "write_geobench_segmentation_sample"]

@@ -6,7 +6,10 @@ A GEO-Bench task folder (e.g. `classification_v1.0/m-eurosat/`) holds
                                   band's name (plus `_<date>` when the band has a date); the
                                   file attribute `pickle` is `str(pickle.dumps(attrs))`, where
                                   attrs = {<dataset name>: {"band_info", "date", ...},
-                                  "bands_order": [...], "label": int | multi-hot ndarray}
+                                  "bands_order": [...], "label": int | multi-hot ndarray}.
+                                  Segmentation tasks (`segmentation_v1.0/m-cashew-plant`, ...)
+                                  instead store the class map as a dataset named "label" (in
+                                  `bands_order`; band info a `SegmentationClasses`)
     band_stats.json               {band name: {"mean", "std", "min", "max", "median", ...}}
     task_specs.pkl                pickled `geobench` TaskSpecifications (label type, class names)
     <name>_partition.json         {"train": [sample names], "valid": [...], "test": [...]};
@@ -18,9 +21,10 @@ builtin, datetime and numpy types and replaces every other class by an inert sta
 records its constructor arguments and state. It never imports a module the pickle names and
 never calls anything outside its allow-list, so a crafted file cannot run code.
 
-`write_geobench_sample` writes a small task in this format (the notebook and the tests use it),
-with learnable class-dependent spectra and the quirks of the published release (see
-`datasets.GEOBENCH_BAND_FIXES` and `datasets.GEOBENCH_STATS_SCALE`).
+`write_geobench_sample` writes a small classification task in this format (the notebook and the
+tests use it), with learnable class-dependent spectra and the quirks of the published release
+(see `datasets.GEOBENCH_BAND_FIXES` and `datasets.GEOBENCH_STATS_SCALE`);
+`write_geobench_segmentation_sample` a segmentation task.
 """
 from __future__ import annotations
 
@@ -219,8 +223,8 @@ def sample_bands(f: h5py.File, attrs: dict) -> list[tuple[str, str, str | None]]
 def sample_label(path: str, f: h5py.File, attrs: dict) -> int | np.ndarray:
   """The label of a classification sample: an int, or a multi-hot vector."""
   if any(k.startswith("label") for k in f.keys()):
-    raise GeoBenchFormatError(f"{path}: holds a pixel label (a segmentation task); only "
-                              "classification tasks are supported")
+    raise GeoBenchFormatError(f"{path}: holds a pixel label (a segmentation task); load it "
+                              "with `datasets.load_segmentation` (CLI: `mmearth-jax segment`)")
   if "label" not in attrs:
     raise GeoBenchFormatError(f"{path}: no 'label' in its pickled attributes")
   label = attrs["label"]
@@ -235,9 +239,50 @@ def sample_label(path: str, f: h5py.File, attrs: dict) -> int | np.ndarray:
                             "multi-hot vector")
 
 
+# geobench's label types of segmentation tasks (its `SegmentationClasses` is both a band info and
+# a label type).
+SEGMENTATION_LABEL_TYPES = ("SegmentationClasses", "SemanticSegmentation")
+
+
+def sample_pixel_label(path: str, f: h5py.File, attrs: dict) -> np.ndarray:
+  """The class map (H, W) int64 of a segmentation sample: its HDF5 dataset named "label"."""
+  if "label" not in f:
+    others = [k for k in f.keys() if k.startswith("label")]
+    hint = (f"; it has {others}, but geobench names the label band exactly 'label'" if others
+            else "; its pickled attributes hold a classification label instead"
+            if "label" in attrs else "")
+    raise GeoBenchFormatError(f"{path}: no HDF5 dataset 'label' (the per-pixel class map of a "
+                              f"GEO-Bench segmentation sample); datasets: {sorted(f.keys())}"
+                              f"{hint}")
+  try:
+    y = np.asarray(f["label"])
+  except (OSError, KeyError) as e:
+    raise GeoBenchFormatError(f"{path}: cannot read dataset 'label': {e}") from None
+  if y.ndim == 3 and y.shape[-1] == 1:
+    y = y[..., 0]
+  if y.ndim != 2 or y.dtype.kind not in "iub":
+    raise GeoBenchFormatError(f"{path}: dataset 'label' has shape {y.shape} and dtype {y.dtype}; "
+                              "expected an integer (H, W) class map")
+  return y.astype(np.int64)
+
+
+def pixel_label_classes(attrs: dict) -> tuple[int | None, list[str] | None]:
+  """(class count, class names) from the band info of a sample's "label" band (geobench's
+  `SegmentationClasses`), or (None, None) when it does not say."""
+  entry = attrs.get("label")
+  info = entry.get("band_info") if isinstance(entry, dict) else None
+  n = getattr(info, "n_classes", None)
+  if not isinstance(n, int):
+    return None, None
+  names = getattr(info, "_class_names", None)
+  names = [str(x) for x in names] if isinstance(names, (list, tuple)) and len(names) == n else None
+  return n, names
+
+
 def read_task_specs(folder: str) -> dict | None:
-  """{"num_classes", "class_names", "multilabel", "label_type"} from `task_specs.pkl`, or None
-  when it is absent or unreadable (callers then infer from the samples)."""
+  """{"num_classes", "class_names", "multilabel", "segmentation", "label_type"} from
+  `task_specs.pkl`, or None when it is absent or unreadable (callers then infer from the
+  samples)."""
   path = os.path.join(folder, "task_specs.pkl")
   if not os.path.exists(path):
     return None
@@ -254,7 +299,8 @@ def read_task_specs(folder: str) -> dict | None:
   names = getattr(label_type, "_class_names", None) or getattr(label_type, "class_name", None)
   names = [str(x) for x in names] if isinstance(names, (list, tuple)) and len(names) == n else None
   return {"num_classes": n, "class_names": names, "label_type": kind,
-          "multilabel": kind == "MultiLabelClassification"}
+          "multilabel": kind == "MultiLabelClassification",
+          "segmentation": kind in SEGMENTATION_LABEL_TYPES}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,10 +328,15 @@ def _standin_classes() -> dict[str, dict[str, type]]:
   def task_init(self, **kw):
     self.__dict__.update(kw)
 
+  def seg_init(self, name, spatial_resolution, n_classes, class_names=None):
+    self.name, self.alt_names, self.spatial_resolution = name, (), spatial_resolution
+    self.n_classes, self._class_names = n_classes, class_names
+
   ds = "geobench.dataset"
   return {
-      ds: {n: make(ds, n, band_init) for n in ("BandInfo", "SpectralBand", "Sentinel1",
-                                              "Sentinel2")},
+      ds: {**{n: make(ds, n, band_init) for n in ("BandInfo", "SpectralBand", "Sentinel1",
+                                                 "Sentinel2")},
+           "SegmentationClasses": make(ds, "SegmentationClasses", seg_init)},
       "geobench.label": {"Classification": make("geobench.label", "Classification", cls_init),
                          "MultiLabelClassification": make("geobench.label",
                                                           "MultiLabelClassification", ml_init)},
@@ -375,14 +426,7 @@ def write_geobench_sample(folder: str, *, name: str = "m-eurosat", n: int = 40, 
   # The Sentinel-2 band each stored channel really holds (None: not a Sentinel-2 band).
   true_bands = [fixes[b] if b in fixes else GEOBENCH_S2.get(b) for b in bands]
   stored_scale = D.GEOBENCH_STATS_SCALE.get(name, 1.0)
-  # Class spectra over the 13 bands in wavelength order, 300..5000 (reflectance x 1e4).
-  order = sorted(_S2_WAVELENGTH_UM, key=_S2_WAVELENGTH_UM.get)
-  knots = rng.uniform(300, 5000, size=(num_classes, 5))
-  xs = np.linspace(0, 1, 5)
-  pos = {b: i / (len(order) - 1) for i, b in enumerate(order)}
-  spectra = np.array([[np.interp(pos[b], xs, knots[c]) for b in order]
-                      for c in range(num_classes)])  # (K, 13)
-  band_col = {b: i for i, b in enumerate(order)}
+  spectra, band_col = _class_spectra(rng, num_classes)
   class_names = [f"class_{c}" for c in range(num_classes)]
 
   names = [f"id_{i:04d}" for i in range(n)]
@@ -435,6 +479,26 @@ def write_geobench_sample(folder: str, *, name: str = "m-eurosat", n: int = 40, 
   with open(os.path.join(out, "band_stats.json"), "w") as fh:
     json.dump(stats, fh, indent=1)
 
+  _write_partitions(out, names, rng)
+  return out
+
+
+def _class_spectra(rng: np.random.Generator, num_classes: int
+                   ) -> tuple[np.ndarray, dict[str, int]]:
+  """Class spectra (K, 13): smooth random curves over the 13 Sentinel-2 bands in wavelength
+  order, 300..5000 (reflectance x 1e4); and each band's column."""
+  order = sorted(_S2_WAVELENGTH_UM, key=_S2_WAVELENGTH_UM.get)
+  knots = rng.uniform(300, 5000, size=(num_classes, 5))
+  xs = np.linspace(0, 1, 5)
+  pos = {b: i / (len(order) - 1) for i, b in enumerate(order)}
+  spectra = np.array([[np.interp(pos[b], xs, knots[c]) for b in order]
+                      for c in range(num_classes)])  # (K, 13)
+  return spectra, {b: i for i, b in enumerate(order)}
+
+
+def _write_partitions(out: str, names: list[str], rng: np.random.Generator) -> None:
+  """`default_partition.json` (60/20/20) and the label-fraction train subsets."""
+  n = len(names)
   perm = [names[i] for i in rng.permutation(n)]
   n_train, n_valid = int(round(0.6 * n)), int(round(0.2 * n))
   default = {"train": perm[:n_train], "valid": perm[n_train:n_train + n_valid],
@@ -446,4 +510,76 @@ def write_geobench_sample(folder: str, *, name: str = "m-eurosat", n: int = 40, 
     part = dict(default, train=default["train"][:k])
     with open(os.path.join(out, f"{frac:.2f}x_train_partition.json"), "w") as fh:
       json.dump(part, fh, indent=1)
+
+
+_RGB_NAMES = {"Red": "B4", "Green": "B3", "Blue": "B2"}
+
+
+def write_geobench_segmentation_sample(folder: str, *, name: str = "m-cashew-plant", n: int = 20,
+                                       size: int = 32, bands: Sequence[str] = GEOBENCH_S2_NAMES,
+                                       num_classes: int = 4, seed: int = 0) -> str:
+  """Writes a small GEO-Bench segmentation task `<folder>/<name>/`; returns its path.
+
+  The layout of geobench's `write_sample_hdf5` for a sample whose label is a `Band`: one HDF5
+  dataset per band and one named "label" holding the (H, W) class map (uint8), listed last in
+  `bands_order`, its band info a `SegmentationClasses` ("label", n_classes, class names);
+  `task_specs.pkl` with that label type; `band_stats.json`; the same partitions as
+  `write_geobench_sample`. Content: a spatially coherent class map (arg-max of smooth random
+  fields), each pixel its class's spectrum (`bands` that are Sentinel-2 or Red/Green/Blue) with
+  texture and noise, so a segmenter can learn the classes from the pixels.
+  """
+  from mmearth_jax.eval import datasets as D
+
+  if n < 5:
+    raise ValueError(f"n must be at least 5 (one sample per split), got {n}")
+  if not 2 <= num_classes <= 255:
+    raise ValueError(f"num_classes must be in [2, 255] (uint8 class maps), got {num_classes}")
+  out = os.path.join(folder, name)
+  os.makedirs(out, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  spectra, band_col = _class_spectra(rng, num_classes)
+  true_bands = [GEOBENCH_S2.get(b) or _RGB_NAMES.get(b) for b in bands]
+  class_names = [f"class_{c}" for c in range(num_classes)]
+  names = [f"id_{i:04d}" for i in range(n)]
+  values: dict[str, list[np.ndarray]] = {b: [] for b in bands}
+  label_values = []
+  grid = max(2, size // 8)
+  with _standin_modules() as classes:
+    infos = [_band_info(classes, b) for b in bands]
+    seg = classes["geobench.dataset"]["SegmentationClasses"]("label", 10, num_classes,
+                                                             class_names)
+    for sname in names:
+      fields = D.resize(rng.standard_normal((grid, grid, num_classes)).astype(np.float32),
+                        (size, size))
+      label = fields.argmax(-1).astype(np.uint8)
+      label_values.append(label.ravel())
+      texture = 1 + 0.1 * rng.standard_normal((size, size))
+      attrs: dict[str, Any] = {}
+      with h5py.File(os.path.join(out, f"{sname}.hdf5"), "w") as f:
+        for b, true, info in zip(bands, true_bands, infos):
+          if true in band_col:
+            img = spectra[label, band_col[true]] * texture + rng.normal(0, 50, (size, size))
+            data = np.clip(np.round(img), -32768, 32767).astype(np.int16)
+          else:  # a non-optical band: unrelated noise
+            img = rng.normal(0, 1, (size, size))
+            data = img.astype(np.float32)
+          values[b].append(img.ravel())
+          f.create_dataset(b, data=data)
+          attrs[b] = {"date": None, "date_id": None, "spatial_resolution": 10,
+                      "band_info": info, "meta_info": None, "transform": None, "crs": None}
+        f.create_dataset("label", data=label)
+        attrs["label"] = {"date": None, "date_id": None, "spatial_resolution": 10,
+                          "band_info": seg, "meta_info": None, "transform": None, "crs": None}
+        attrs["bands_order"] = [*bands, "label"]
+        f.attrs["pickle"] = str(pickle.dumps(attrs))
+    specs = classes["geobench.task"]["TaskSpecifications"](
+        dataset_name=name, benchmark_name="segmentation_v1.0", patch_size=(size, size),
+        n_time_steps=1, bands_info=infos, label_type=seg, spatial_resolution=10)
+    with open(os.path.join(out, "task_specs.pkl"), "wb") as fh:
+      pickle.dump(specs, fh)
+  stats = {b: _stats(np.concatenate(v)) for b, v in values.items()}
+  stats["label"] = _stats(np.concatenate(label_values).astype(np.float64))
+  with open(os.path.join(out, "band_stats.json"), "w") as fh:
+    json.dump(stats, fh, indent=1)
+  _write_partitions(out, names, rng)
   return out
