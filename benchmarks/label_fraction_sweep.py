@@ -18,6 +18,22 @@ Random initialisation uses the architecture of the first pretrained encoder (the
 changes the weights only), or `--variant/--dims/--depths/--patch-size` when there is none.
 With several `--seeds`, each seed draws its own label subset (shared by every initialisation)
 and the table shows the mean (and the spread as +- std).
+
+Measured on the built-in sample (`make demo`: 256 tiles, 211 train / 45 test, 32 px centre
+crops, ESA WorldCover, 11 classes; 2 CPU cores shared with other jobs), random init vs the
+demo's MP-MAE atto (300 steps), defaults (200 epochs capped at 200 steps, lr 3e-3, frozen for
+the first quarter), seed 0, about 9 minutes:
+
+    label fraction          random          mp_mae
+                1%            25.1            31.1      (2 tiles, 50 steps)
+                5%            49.7            50.3      (11 tiles, 200 steps)
+               50%            62.1            58.4
+              100%            60.2            60.2
+
+and at 1 % over six label subsets (seeds 0-5): random 25.3 +- 3.7, mp_mae 23.9 +- 6.2 (per seed
++6.0, +1.0, -0.1, -10.2, -3.6, -1.1). On this sample MP-MAE pretraining at demo scale does not
+beat random initialisation: its land cover is nearly a per-pixel function of the spectra, which
+a U-Net learns from two tiles as well from random weights as from pretrained ones.
 """
 from __future__ import annotations
 
@@ -71,6 +87,7 @@ def pretrain(dataset: str, steps: int, root: str, log) -> list[tuple[str, str]]:
     workdir = os.path.join(root, name)
     cfg = config_lib.load(os.path.join(REPO, cfg_spec),
                           [f"data.path={shards}", f"train.num_steps={steps}",
+                           f"optimizer.warmup_steps={max(1, min(20, steps // 10))}",
                            f"checkpoint.every_steps={steps}", "eval.every_steps=0",
                            "train.progress=off"])
     t0 = time.perf_counter()
@@ -172,9 +189,9 @@ def main(argv=None) -> int:
         log(f"{100 * f:g} % seed {seed} {n}: mIoU {100 * r['miou']:.1f}, pixel accuracy "
             f"{100 * r['pixel_accuracy']:.1f} ({r['train_tiles']} tiles, {r['steps']} steps, "
             f"{r['finetune_seconds']:.0f} s)")
-  print(f"mIoU (%) on {test.name} ({len(test.images)} tiles), U-Net fine-tuning, "
-        f"{args.epochs:g} epochs" + (f" capped at {args.max_steps} steps" if args.max_steps
-                                     else ""))
+  budget = (f"{args.steps} steps" if args.steps else f"{args.epochs:g} epochs" + (
+      f" capped at {args.max_steps} steps" if args.max_steps else ""))
+  print(f"mIoU (%) on {test.name} ({len(test.images)} tiles), U-Net fine-tuning, {budget}")
   print(format_table(fractions, names, cells))
   summary = {"dataset": args.dataset, "fractions": fractions, "seeds": seeds,
              "inits": {n: encoders[n][2] for n in names},
