@@ -9,7 +9,8 @@ from mmearth_jax.data import convert as convert_lib
 
 def _synth(args) -> int:
   from mmearth_jax.data import synth
-  stem = synth.write_sample(args.out, n=args.n, size=args.size, seed=args.seed)
+  stem = synth.write_sample(args.out, n=args.n, size=args.size, seed=args.seed,
+                            scene_variation=args.scene_variation)
   print(f"wrote {args.n} tiles of {args.size} px to {args.out}/{stem}.h5 "
         "(+ _band_stats.json, _splits.json, _tile_info.json)")
   return 0
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--size", type=int, default=128, choices=(128, 64),
                  help="tile size in pixels: 128 (MMEarth, MMEarth100k) or 64 (MMEarth64)")
   s.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same data")
+  s.add_argument("--scene-variation", action="store_true",
+                 help="give each tile its own class appearance, illumination and haze (harder: "
+                 "a few labelled tiles no longer fix the spectra of the rest)")
   s.set_defaults(func=_synth)
 
   c = sub.add_parser("convert", help="convert an MMEarth variant folder to ArrayRecord shards",

@@ -113,6 +113,35 @@ def test_grn_norm_only_counts_visible_positions():
   np.testing.assert_allclose(y[0, 0, 0], np.ones(3) * nx + 1, rtol=1e-6)
 
 
+def test_grn_gradient_is_finite_for_a_fully_masked_channel():
+  """A channel that is zero everywhere (a stage whose every position is masked, e.g. MP-MAE at a
+  32 px crop) has norm 0: the gradient must be torch.norm's 0 there, not NaN, and match torch's
+  elsewhere."""
+  torch = pytest.importorskip("torch")
+  from mmearth_jax.interop import torch_convnextv2 as tcx
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 3, 3, 4)).astype(np.float32)
+  x[0, :, :, 1] = 0.0  # one channel of one image fully masked
+  x[1] = 0.0  # every channel of the other image
+  gamma = rng.standard_normal(4).astype(np.float32)
+  beta = rng.standard_normal(4).astype(np.float32)
+  w = rng.standard_normal(x.shape).astype(np.float32)  # a loss that weighs every output
+
+  def loss(xj, g):
+    y = cx.GRN().apply({"params": {"gamma": g, "beta": jnp.asarray(beta)}}, xj)
+    return jnp.sum(y * w)
+
+  gx, gg = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(gamma))
+  assert np.isfinite(np.asarray(gx)).all() and np.isfinite(np.asarray(gg)).all()
+
+  xt = torch.tensor(x, requires_grad=True)
+  gt = torch.tensor(gamma.reshape(1, 1, 1, 4), requires_grad=True)
+  yt = tcx.grn(xt, gt, torch.tensor(beta.reshape(1, 1, 1, 4)))
+  (yt * torch.tensor(w)).sum().backward()
+  np.testing.assert_allclose(np.asarray(gx), xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(gg), gt.grad.numpy().reshape(4), rtol=1e-5, atol=1e-6)
+
+
 def test_drop_path_and_classification_head():
   model = cx.convnextv2("atto", stem="official", drop_path_rate=0.5, num_classes=10)
   x = jnp.ones((4, 32, 32, 3))

@@ -298,3 +298,18 @@ def test_label_fraction_sweep_prints_a_table(task, capsys):
   assert summary["train_tiles"] == {"10%": 1, "100%": 12} and len(summary["miou"]["random"]["10%"]) == 2
   with pytest.raises(SystemExit, match="NAME=CHECKPOINT"):
     sweep.parse_inits(["mp_mae"])
+
+
+def test_sweep_pretrains_mp_mae_without_the_labels_it_evaluates():
+  """The sweep's labels are land-cover maps: its MP-MAE pretraining must not reconstruct them
+  (a leak of what the label fraction withholds), and keeps every other output."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+  import label_fraction_sweep as sweep
+  from mmearth_jax import config_lib
+  repo = os.path.dirname(os.path.dirname(__file__))
+  spec, overrides = sweep.PRETRAIN_CONFIGS["mp_mae"]
+  cfg = config_lib.load(os.path.join(repo, spec), overrides)
+  outputs = M.resolve_outputs(cfg.data.outputs, M.S2_INPUT_BANDS)
+  assert not {"esa_worldcover", "dynamic_world"} & set(outputs)
+  assert set(outputs) == set(M.ALL_OUTPUTS) - {"esa_worldcover", "dynamic_world"}
+  assert cfg.data.crop == 32  # the sweep's image size

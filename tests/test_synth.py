@@ -135,3 +135,33 @@ def test_sizes(tmp_path):
     assert f["sentinel2"].shape == (1, 13, 128, 128)
   with pytest.raises(ValueError, match="--size"):
     synth.write_sample(str(tmp_path / "b"), n=1, size=100)
+
+
+def _per_tile_class_means(folder, modality, band, cls):
+  """Mean of one band over a class's cloud-free pixels, per L2A tile (L1C adds a TOA offset)."""
+  h5_path, js = _load(folder)
+  with h5py.File(h5_path) as f:
+    clear = f["sentinel2_cloudmask"][:, 0] == 0
+    dw = np.where(clear, f["dynamic_world"][:, 0].astype(int), 0)
+    x = f[modality][:, band].astype(float)
+    l2a = [js["tile_info"][t.decode()]["S2_type"] == "l2a" for t in f["metadata"]["tile_id"]]
+  return np.array([x[i][dw[i] == cls].mean() for i in range(len(dw))
+                   if l2a[i] and (dw[i] == cls).sum() > 20])
+
+
+def test_scene_variation_varies_class_spectra_between_tiles_not_the_other_modalities(tmp_path):
+  """--scene-variation: a class's Sentinel-2 spectrum changes from tile to tile (what makes a few
+  labelled tiles insufficient), its Sentinel-1 backscatter does not; the default sample has
+  nearly fixed class spectra and is unchanged by the option's existence."""
+  plain, varied = str(tmp_path / "plain"), str(tmp_path / "varied")
+  synth.write_sample(plain, n=60, size=64, seed=3)
+  synth.write_sample(varied, n=60, size=64, seed=3, scene_variation=True)
+  b4, vv, trees = M.S2_BANDS.index("B4"), 0, 2  # red; ascending VV; Dynamic World "trees" + 1
+
+  def spread(folder, modality, band):
+    m = _per_tile_class_means(folder, modality, band, trees)
+    m = m[np.isfinite(m)]
+    return m.std() / abs(m.mean())
+
+  assert spread(varied, "sentinel2", b4) > 5 * spread(plain, "sentinel2", b4)
+  assert spread(varied, "sentinel1", vv) < 1.5 * spread(plain, "sentinel1", vv)

@@ -3,11 +3,16 @@
 The content is learnable, not noise. Each tile gets a location, a month and a climate zone; a
 spatially coherent land-cover map (smooth random class fields, arg-maxed) is drawn with class
 priors of that zone; every other modality is rendered from the map: Sentinel-2 spectra per class
-(top-of-atmosphere offsets for L1C, B10 = 0 for L2A, seasonal vegetation), Sentinel-1 backscatter
-per class, elevation and slope, canopy height under trees, ESA WorldCover from the Dynamic World
-classes; biome, ecoregion and ERA5 climate follow from location, season and land cover. Quirks of
-the real release are reproduced: no-data patches, HH/HV mostly missing, some NaN ERA5, L1C tiles
-with no SCL or cloud probability. Deterministic for a seed.
+(top-of-atmosphere offsets for L1C, B10 = 0 for L2A, seasonal vegetation), Sentinel-1 backscatter per class, elevation and slope, canopy height under trees, ESA WorldCover
+from the Dynamic World classes; biome, ecoregion and ERA5 climate follow from location, season
+and land cover. Quirks of the real release are reproduced: no-data patches, HH/HV mostly
+missing, some NaN ERA5, L1C tiles with no SCL or cloud probability. Deterministic for a seed.
+
+`scene_variation=True` (`synth --scene-variation`) gives each tile its own class appearance
+(soil moisture, crop stage, species mix), illumination and haze, as real scenes have: the spectra
+of a few labelled tiles then do not fix those of the rest, while Sentinel-1, elevation and canopy
+height stay tied to the class. That is the regime where pretraining pays off at few labels (the
+label-fraction sweep); the default sample, where class spectra are nearly fixed, is not.
 """
 from __future__ import annotations
 
@@ -93,7 +98,8 @@ def _smooth(rng: np.random.Generator, size: int, grid: int, channels: int) -> np
   return np.einsum("hi,cij,wj->chw", u, g, u)
 
 
-def make_tile(rng: np.random.Generator, size: int) -> tuple[dict, dict]:
+def make_tile(rng: np.random.Generator, size: int, scene_variation: bool = False
+              ) -> tuple[dict, dict]:
   """One tile: (arrays in upstream layout (C, H, W) / (C,), tile_info entry)."""
   lat = float(rng.uniform(-55, 72))
   lon = float(rng.uniform(-180, 180))
@@ -111,11 +117,20 @@ def make_tile(rng: np.random.Generator, size: int) -> tuple[dict, dict]:
   dominant = int(counts.argmax())
 
   texture = _smooth(rng, size, 12, 1)[0]
-  spectra = _SPECTRA[dw]  # (H, W, 13)
+  spectra = _SPECTRA
+  if scene_variation:  # extra draws only here: the default sample stays what it was
+    # A class looks different from tile to tile, so one tile's spectra do not label another's;
+    # the class's other modalities do not change.
+    appearance = 1 + 0.12 * rng.standard_normal((len(_SPECTRA), 1)) \
+        + 0.06 * rng.standard_normal(_SPECTRA.shape)
+    spectra = _SPECTRA * appearance.astype(np.float32)
+  spectra = spectra[dw]  # (H, W, 13)
   green_up = 1 + 0.25 * season * _VEGETATION[dw] if zone in (2, 3) else 1.0
   spectra[..., _NIR] *= np.asarray(green_up)[..., None] if np.ndim(green_up) else green_up
   s2 = spectra * (1 + 0.06 * texture[..., None])
   s2 *= 1 + 0.03 * rng.standard_normal(s2.shape).astype(np.float32)
+  if scene_variation:  # acquisition: sun elevation scales the spectrum, haze adds path radiance
+    s2 = s2 * np.float32(rng.uniform(0.75, 1.25)) + np.float32(rng.uniform(0, 0.5)) * _TOA_OFFSET
   cloud = np.zeros((size, size), bool)
   if rng.random() < 0.25:
     c = _smooth(rng, size, 4, 1)[0]
@@ -274,7 +289,8 @@ def _valid(name: str, x: np.ndarray) -> np.ndarray:
   return valid.reshape(x.shape[0], -1) if x.ndim > 1 else valid[:, None]
 
 
-def write_sample(out: str, n: int = 256, size: int = 128, seed: int = 0) -> str:
+def write_sample(out: str, n: int = 256, size: int = 128, seed: int = 0,
+                 scene_variation: bool = False) -> str:
   """Writes `data_synth_<size>.h5` and its JSON companions into `out`; returns the stem."""
   if size not in (128, 64):
     raise ValueError(f"--size must be 128 or 64, got {size}")
@@ -300,7 +316,7 @@ def write_sample(out: str, n: int = 256, size: int = 128, seed: int = 0) -> str:
                               compression="gzip")
       for i in range(n):
         rng = np.random.default_rng([seed, i])
-        arrays, info = make_tile(rng, size)
+        arrays, info = make_tile(rng, size, scene_variation)
         tile_id = f"synth{seed}_{size}_{i:06d}"
         tile_info[tile_id] = info
         meta[i] = (tile_id.encode(), info["S2_type"].encode())

@@ -71,7 +71,8 @@ def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, channel_dim: i
   """gamma * (x * Nx) + beta + x with Nx = Gx / mean_c(Gx), Gx the L2 norm over space; x is
   (N, H, W, C) (channel_dim -1) or (N, C, H, W) (channel_dim 1); gamma/beta broadcast."""
   space = (1, 2) if channel_dim == -1 else (2, 3)
-  gx = torch.sqrt(torch.sum(x * x, dim=space, keepdim=True))
+  # vector_norm, as the official code's torch.norm: its gradient at a zero norm is 0, not NaN.
+  gx = torch.linalg.vector_norm(x, dim=space, keepdim=True)
   nx = gx / (gx.mean(dim=channel_dim, keepdim=True) + 1e-6)
   return gamma * (x * nx) + beta + x
 

@@ -52,7 +52,10 @@ class GRN(nn.Module):
     gamma = self.param("gamma", nn.initializers.zeros, (c,))
     beta = self.param("beta", nn.initializers.zeros, (c,))
     xf = x.astype(jnp.float32)
-    gx = jnp.sqrt(jnp.sum(jnp.square(xf), axis=(1, 2), keepdims=True))
+    # A channel that is zero over the whole image (e.g. every position masked) has norm 0, where
+    # sqrt's gradient is infinite: give it torch.norm's zero subgradient instead of NaN.
+    ss = jnp.sum(jnp.square(xf), axis=(1, 2), keepdims=True)
+    gx = jnp.where(ss > 0, jnp.sqrt(jnp.where(ss > 0, ss, 1.0)), 0.0)
     nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + 1e-6)
     return (gamma * (xf * nx) + beta + xf).astype(x.dtype)
 
