@@ -10,7 +10,7 @@ for 1000 steps at 32 px on the pixel-level outputs minus land cover (Sentinel-2,
 elevation, canopy height: the land-cover maps are the labels under test and must not leak).
 Measured here (mIoU points, pretrained - random, label subsets 0-7): +3.6, -0.0, +3.6, +5.5,
 +8.1, +0.5, +2.4, +0.8 (mean +3.1; random 16.9 +- 3.9, pretrained 20.0 +- 2.7); the test takes
-subsets 0-5 (mean +3.6, 5 wins) to stay within the suite's time (about 4 CPU minutes).
+subsets 0-5 (mean +3.6, 5 wins) to stay within the suite's time (about 5 minutes alone).
 """
 import numpy as np
 import pytest
