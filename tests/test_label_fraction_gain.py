@@ -48,7 +48,8 @@ def test_pretrained_init_beats_random_init_at_one_percent_of_labels(tmp_path):
   for s in SUBSETS:
     ft = seg.FinetuneConfig(epochs=200, max_steps=300, seed=s)  # the sweep's defaults
     miou = {name: seg.run(spec, p, data["train"], data["test"], ft, label_fraction=0.01,
-                          subset_seed=s)["miou"] for name, p in (("random", None), ("mp_mae", params))}
+                          subset_seed=s)["miou"]
+            for name, p in (("random", None), ("mp_mae", params))}
     gains.append(miou["mp_mae"] - miou["random"])
     rows.append(f"subset {s}: random {100 * miou['random']:.1f}, mp_mae {100 * miou['mp_mae']:.1f}")
   report = "; ".join(rows)

@@ -152,7 +152,7 @@ def _per_tile_class_means(folder, modality, band, cls):
 def test_scene_variation_varies_class_spectra_between_tiles_not_the_other_modalities(tmp_path):
   """--scene-variation: a class's Sentinel-2 spectrum changes from tile to tile (what makes a few
   labelled tiles insufficient), its Sentinel-1 backscatter does not; the default sample has
-  nearly fixed class spectra and is unchanged by the option's existence."""
+  nearly fixed class spectra."""
   plain, varied = str(tmp_path / "plain"), str(tmp_path / "varied")
   synth.write_sample(plain, n=60, size=64, seed=3)
   synth.write_sample(varied, n=60, size=64, seed=3, scene_variation=True)

@@ -3,10 +3,11 @@
 The content is learnable, not noise. Each tile gets a location, a month and a climate zone; a
 spatially coherent land-cover map (smooth random class fields, arg-maxed) is drawn with class
 priors of that zone; every other modality is rendered from the map: Sentinel-2 spectra per class
-(top-of-atmosphere offsets for L1C, B10 = 0 for L2A, seasonal vegetation), Sentinel-1 backscatter per class, elevation and slope, canopy height under trees, ESA WorldCover
-from the Dynamic World classes; biome, ecoregion and ERA5 climate follow from location, season
-and land cover. Quirks of the real release are reproduced: no-data patches, HH/HV mostly
-missing, some NaN ERA5, L1C tiles with no SCL or cloud probability. Deterministic for a seed.
+(top-of-atmosphere offsets for L1C, B10 = 0 for L2A, seasonal vegetation), Sentinel-1 backscatter
+per class, elevation and slope, canopy height under trees, ESA WorldCover from the Dynamic World
+classes; biome, ecoregion and ERA5 climate follow from location, season and land cover. Quirks of
+the real release are reproduced: no-data patches, HH/HV mostly missing, some NaN ERA5, L1C tiles
+with no SCL or cloud probability. Deterministic for a seed.
 
 `scene_variation=True` (`synth --scene-variation`) gives each tile its own class appearance
 (soil moisture, crop stage, species mix), illumination and haze, as real scenes have: the spectra
