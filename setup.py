@@ -8,7 +8,9 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["mmearth_jax", "mmearth_jax.*"]),
+    # The recipes live in the top-level configs/ folder and install as mmearth_jax.configs.
+    packages=find_packages(include=["mmearth_jax", "mmearth_jax.*"]) + ["mmearth_jax.configs"],
+    package_dir={"mmearth_jax.configs": "configs"},
     # A set seen working together (grain and orbax-checkpoint must be a compatible pair).
     install_requires=[
         "jax>=0.10.2,<0.11",

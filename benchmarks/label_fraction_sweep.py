@@ -1,8 +1,9 @@
 """Label-fraction sweep: U-Net segmentation fine-tuning from random and pretrained encoders.
 
 For each label fraction (default 1, 5, 50, 100 % of the training tiles) and each
-initialisation, fine-tunes a U-Net on the same seeded subset of tiles (`segmentation.run`:
-MMEarth's schedule, encoder frozen for the first quarter) and scores mIoU on the test split.
+initialisation, fine-tunes a U-Net on the same seeded subset of tiles (`segmentation.run` with
+the recipe of configs/segment.py, MMEarth's schedule, encoder frozen for the first quarter; the
+flags below set its fields) and scores mIoU on the test split.
 Prints a table (rows = fraction, columns = initialisation, mIoU in %) and one JSON line.
 
     python benchmarks/label_fraction_sweep.py --dataset mmearth:data/demo/shards \\
@@ -33,12 +34,14 @@ import os
 import sys
 import time
 
+import ml_collections
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from mmearth_jax.data import modalities as M  # noqa: E402
+from mmearth_jax import config_lib  # noqa: E402
+from mmearth_jax import modalities as M  # noqa: E402
 from mmearth_jax.eval import segmentation as seg  # noqa: E402
 
 # Pretraining runs of --pretrain-steps: init name -> (config file and variant, overrides).
@@ -96,6 +99,18 @@ def pretrain(dataset: str, steps: int, root: str, log) -> list[tuple[str, str]]:
   return out
 
 
+def recipe(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  """configs/segment.py's default recipe with the sweep's fine-tuning flags; each run sets its
+  own label_fraction and seed."""
+  cfg = config_lib.load(os.path.join(REPO, "configs/segment.py"))
+  cfg.epochs, cfg.steps, cfg.max_steps = args.epochs, args.steps, args.max_steps
+  cfg.batch_size, cfg.lr, cfg.encoder_lr_scale = args.batch_size, args.lr, args.encoder_lr_scale
+  cfg.freeze_fraction = args.freeze_fraction
+  cfg.decoder_dims = tuple(int(x) for x in args.decoder_dims.split(",") if x.strip())
+  seg.check_config(cfg)
+  return cfg
+
+
 def format_table(fractions: list[float], names: list[str], cells: dict) -> str:
   """Rows = label fraction, columns = init; each cell mIoU % (mean +- std over seeds)."""
   width = max(16, *(len(n) + 2 for n in names))
@@ -111,20 +126,25 @@ def format_table(fractions: list[float], names: list[str], cells: dict) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
   p.add_argument("--dataset", default="mmearth:data/demo/shards")
   p.add_argument("--init", action="append", default=[],
                  help="'random' or NAME=CHECKPOINT (repeat); default: random")
   p.add_argument("--fractions", default="1,5,50,100", help="label fractions in percent")
   p.add_argument("--seeds", default="0", help="label-subset / fine-tuning seeds, comma separated")
-  p.add_argument("--epochs", type=float, default=200.0)
+  # The recipe's fields (configs/segment.py), with the sweep's defaults.
+  p.add_argument("--epochs", type=float, default=200.0,
+                 help="passes over the labelled tiles (config epochs)")
   p.add_argument("--steps", type=int, default=0, help="> 0: fixed steps for every fraction")
   p.add_argument("--max-steps", type=int, default=300, help="cap on the steps of --epochs")
-  p.add_argument("--lr", type=float, default=3e-3)
-  p.add_argument("--encoder-lr-scale", type=float, default=1.0)
-  p.add_argument("--freeze-fraction", type=float, default=0.25)
-  p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--decoder-dims", default="")
+  p.add_argument("--lr", type=float, default=3e-3, help="decoder peak lr (config lr)")
+  p.add_argument("--encoder-lr-scale", type=float, default=1.0,
+                 help="encoder peak lr = lr x this once unfrozen")
+  p.add_argument("--freeze-fraction", type=float, default=0.25,
+                 help="encoder frozen for this fraction of the steps")
+  p.add_argument("--batch-size", type=int, default=8, help="tiles per step")
+  p.add_argument("--decoder-dims", default="",
+                 help="U-Net widths, deepest first, e.g. 64,32,16 (default: the encoder's)")
   p.add_argument("--image-size", type=int, default=32, help="crop / resize (0: as stored)")
   p.add_argument("--variant", default="atto", help="random init without a pretrained encoder")
   p.add_argument("--depths", default="")
@@ -136,6 +156,7 @@ def main(argv=None) -> int:
   p.add_argument("--json", default="", help="also write the results to this file")
   args = p.parse_args(argv)
   log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+  base = recipe(args)  # a bad value fails before any pretraining or loading
 
   ints = lambda t: tuple(int(x) for x in t.split(",") if x.strip())  # noqa: E731
   inits = parse_inits(args.init or ["random"])
@@ -175,14 +196,11 @@ def main(argv=None) -> int:
   t_all = time.perf_counter()
   for f in fractions:
     for seed in seeds:
-      cfg = seg.FinetuneConfig(epochs=args.epochs, steps=args.steps, max_steps=args.max_steps,
-                               batch_size=args.batch_size, lr=args.lr,
-                               encoder_lr_scale=args.encoder_lr_scale,
-                               freeze_fraction=args.freeze_fraction,
-                               decoder_dims=ints(args.decoder_dims), seed=seed)
+      cfg = ml_collections.ConfigDict(base)  # a copy
+      cfg.label_fraction, cfg.seed = f, seed  # the seed draws the label subset too
       for n in names:
         spec, params, _ = encoders[n]
-        r = seg.run(spec, params, train, test, cfg, label_fraction=f, subset_seed=seed)
+        r = seg.run(spec, params, train, test, cfg)
         r.pop("confusion")
         cells[n][f].append(r)
         log(f"{100 * f:g} % seed {seed} {n}: mIoU {100 * r['miou']:.1f}, pixel accuracy "

@@ -64,7 +64,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import train_step as ts  # noqa: E402  (benchmarks/train_step.py: the same builders)
-from mmearth_jax.data import modalities as M  # noqa: E402
+from mmearth_jax import modalities as M  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # Optimized HLO: instruction name -> (opcode, shape, fused opcodes, op_name).

@@ -31,14 +31,14 @@ import numpy as np
 import optax
 import torch
 
-from mmearth_jax import train
+from mmearth_jax import metrics
 from mmearth_jax.interop.torch_scale_mae import ScaleMAETorch, flax_to_torch_scale_mae
 from mmearth_jax.models.scale_mae import make_scale_mae
 from mmearth_jax.models.vit import VIT_VARIANTS
 from mmearth_jax.objectives.scale_mae import scale_mae_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import _median_time, describe_machine  # noqa: E402  the house helpers
+from train_step import describe_machine, median_time  # noqa: E402  the house helpers
 
 PATCH = 16
 BAND_CONFIG = (7, 56)
@@ -46,9 +46,9 @@ LR = 1e-4
 
 
 def _timed(fn, steps: int, warmup: int) -> float:
-  for i in range(max(warmup - 1, 0)):  # _median_time runs the last warm-up step itself
+  for i in range(max(warmup - 1, 0)):  # median_time runs the last warm-up step itself
     fn(-1 - i)
-  return _median_time(fn, steps)
+  return median_time(fn, steps)
 
 
 def fake_batch(n: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -75,7 +75,7 @@ def bench_jax(model, params, batch, args) -> tuple[float, float, float]:
   t0 = time.perf_counter()
   compiled = step.lower(state[0], state[1], jb, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t0
-  flops = train._flops(compiled)
+  flops = metrics.compiled_flops(compiled)
 
   def jax_step(i):
     state[0], state[1], v = compiled(state[0], state[1], jb, jax.random.key(i + 1000))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mmearth_jax import metrics, optim, train
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.interop.torch_convnextv2 import ConvNeXtV2MMEarth, MPMAETorch
 from mmearth_jax.models.convnextv2 import VARIANTS, convnextv2
 from mmearth_jax.models.mp_mae import random_patch_mask
@@ -105,7 +105,7 @@ def bench_torch(outputs, batch, args, variant, steps):
     opt.step()
     return float(total)
 
-  return _median_time(step, steps)
+  return median_time(step, steps)
 
 
 def config_for(variant: str, size: int, patch: int, batch: int, dtype: str = "float32"):
@@ -136,7 +136,7 @@ def bench_jax(outputs, batch, args, variant, steps):
   state, m = step(state, jb)
   jax.block_until_ready(m["loss"])
   compile_s = time.perf_counter() - t0
-  flops = train._flops(step.lower(state, jb).compile())
+  flops = metrics.compiled_flops(step.lower(state, jb).compile())
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
@@ -171,13 +171,13 @@ def bench_vit(args, steps):
     return optax.apply_updates(params, updates), opt, value
 
   state = [params, tx.init(params)]
-  flops = train._flops(step.lower(state[0], state[1], xj, jax.random.key(0)).compile())
+  flops = metrics.compiled_flops(step.lower(state[0], state[1], xj, jax.random.key(0)).compile())
 
   def jax_step(i):
     state[0], state[1], v = step(state[0], state[1], xj, jax.random.key(i))
     jax.block_until_ready(v)
 
-  ours = _median_time(jax_step, steps)
+  ours = median_time(jax_step, steps)
   tm = TorchMAE(img_size=size, patch_size=16, in_chans=3)
   topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
   xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
@@ -191,7 +191,7 @@ def bench_vit(args, steps):
     loss.backward()
     topt.step()
 
-  return ours, _median_time(torch_step, steps), flops
+  return ours, median_time(torch_step, steps), flops
 
 
 def describe_machine(dtype: str) -> float:
@@ -204,7 +204,8 @@ def describe_machine(dtype: str) -> float:
   return metrics.peak_flops(device.device_kind)
 
 
-def _median_time(fn, steps):
+def median_time(fn, steps: int) -> float:
+  """Median seconds of `steps` calls fn(1..steps), after a warm-up call fn(0)."""
   fn(0)  # warm-up (compiles the JAX step)
   times = []
   for i in range(steps):
@@ -239,7 +240,7 @@ def bench_encoder(args, steps, classes=10):
     state[0], state[1], v = step(state[0], state[1], xj, yj)
     jax.block_until_ready(v)
 
-  ours = _median_time(jax_step, steps)
+  ours = median_time(jax_step, steps)
   depths, dims = VARIANTS["atto"]
   tm = ConvNeXtV2MMEarth(12, depths, dims, args.patch, num_classes=classes)
   topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
@@ -252,7 +253,7 @@ def bench_encoder(args, steps, classes=10):
     loss.backward()
     topt.step()
 
-  return ours, _median_time(torch_step, steps)
+  return ours, median_time(torch_step, steps)
 
 
 def fsdp_memory(variant: str, size: int, patch: int, batch: int) -> None:

@@ -49,7 +49,7 @@ import re
 
 import ml_collections
 
-from mmearth_jax import train
+from mmearth_jax import config_lib
 
 # (data path suffix, tile size, view size, stem patch) per dataset.
 DATASETS = {"": ("mmearth", 128, 112, 16), "64": ("mmearth64", 64, 56, 8),
@@ -57,7 +57,7 @@ DATASETS = {"": ("mmearth", 128, 112, 16), "64": ("mmearth64", 64, 56, 8),
 
 
 def get_config(variant: str = "atto") -> ml_collections.ConfigDict:
-  c = train.default_config()
+  c = config_lib.base_config()
   c.method = "dense_contrastive"
 
   c.model = ml_collections.ConfigDict()

@@ -67,15 +67,15 @@ import sys
 
 import ml_collections
 
-from mmearth_jax import train
-from mmearth_jax.models.convnextv2 import VARIANTS as CONVNEXTV2_VARIANTS
+from mmearth_jax import config_lib
+from mmearth_jax.models.variants import CONVNEXTV2 as CONVNEXTV2_VARIANTS
 
 DEMO_DEPTHS = (1, 1, 2, 1)
 DEMO_DIMS = (24, 48, 96, 192)
 
 
 def get_config(variant: str = "convnextv2_base") -> ml_collections.ConfigDict:
-  c = train.default_config()
+  c = config_lib.base_config()
   c.method = "gfm"
 
   c.model = ml_collections.ConfigDict()

@@ -35,7 +35,7 @@ import re
 
 import ml_collections
 
-from mmearth_jax import train
+from mmearth_jax import config_lib
 
 # (data path suffix, crop, patch) per dataset.
 DATASETS = {"": ("mmearth", 112, 16), "64": ("mmearth64", 56, 8), "100k": ("mmearth100k", 112, 16)}
@@ -45,7 +45,7 @@ ABLATIONS = {"s2only": ("outputs", "s2_only"), "rgb": ("outputs", "rgb_only"),
 
 
 def get_config(variant: str = "atto") -> ml_collections.ConfigDict:
-  c = train.default_config()
+  c = config_lib.base_config()
   c.method = "mp_mae"
 
   c.model = ml_collections.ConfigDict()

@@ -28,13 +28,13 @@ UC Merced 75.0, EuroSAT 86.7): `eval.scales` does that during training.
 """
 import ml_collections
 
-from mmearth_jax import train
+from mmearth_jax import config_lib
 
 VARIANTS = {"vitl": "L", "vitb": "B", "vitb_s2": "B"}
 
 
 def get_config(variant: str = "vitl") -> ml_collections.ConfigDict:
-  c = train.default_config()
+  c = config_lib.base_config()
   c.method = "scale_mae"
 
   c.model = ml_collections.ConfigDict()

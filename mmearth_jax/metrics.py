@@ -28,6 +28,19 @@ def peak_flops(device_kind: str) -> float | None:
   return None
 
 
+def compiled_flops(compiled) -> float:
+  """FLOPs of one step from XLA's cost analysis of a compiled executable (whole mesh: the
+  per-device count times the devices), or 0 where the backend reports none."""
+  import jax
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends report no cost analysis
+    return 0.0
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost.get("flops", 0.0)) * jax.device_count() if cost else 0.0
+
+
 class MetricWriter:
   """Writes scalars to metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
 

@@ -17,24 +17,17 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from mmearth_jax import config_lib
+
 # Leaf names that never get weight decay, whatever their shape.
 NO_DECAY = frozenset({"bias", "scale", "gamma", "beta", "mask_token", "cls_token", "log_vars",
                       "pos_embed", "decoder_pos_embed"})
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The optimiser section of a training config (MMEarth's pretraining recipe)."""
-  c = ml_collections.ConfigDict()
-  c.base_lr = 1.5e-4  # scaled by global_batch / 256
-  c.min_lr = 0.0
-  c.b1 = 0.9
-  c.b2 = 0.95
-  c.weight_decay = 0.05
-  c.warmup_steps = 0
-  c.clip_grad_norm = 0.0  # 0 = no clipping
-  c.grad_accum_steps = 1
-  c.layer_decay = 1.0  # 1 = off; fine-tuning uses 0.9 (ConvNeXt V2) / 0.75 (MAE)
-  return c
+  """The optimiser section of a training config (MMEarth's pretraining recipe); its defaults
+  live in `config_lib.optimizer_config`."""
+  return config_lib.optimizer_config()
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:

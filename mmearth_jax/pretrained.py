@@ -8,21 +8,11 @@ A CHECKPOINT argument is any of
       <dir>/model.json   {"format": FORMAT, "spec": {...}, "source": "..."}
       <dir>/params/      the parameters (an Orbax PyTree checkpoint)
 
-A spec is a JSON-able description of the architecture, one of
-  {"arch": "convnextv2", "depths", "dims", "stem", "patch_size", "in_chans", "num_classes", "bands"}
-  {"arch": "mp_mae", <the convnextv2 keys>, "decoder_dim", "outputs": {modality: [bands]}}
-  {"arch": "vit", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans",
-   "img_size", "bands"}
-  {"arch": "mae", <the vit keys>, "decoder_embed_dim", "decoder_depth", "decoder_num_heads"}
-  {"arch": "scale_mae", <the mae keys>, "fcn_dim", "fcn_layers", "independent_fcn_head",
-   "progressive", "out_chans", "pos_layout"}
-  {"arch": "gfm", "encoder": <a convnextv2 or vit spec>, "distill_layer", "teacher_dim"}
-    (GFM's SimMIM student, `models.gfm.SimMIM`; its encoder is `params["encoder"]`)
-  {"arch": "dense_contrastive", "encoder": <a convnextv2 spec>, "feature_stage",
-   "projector_*"} (`models.dense_contrastive.DenseContrastive`; encoder in `params["encoder"]`)
-A ViT's optional "pos_layout" ("concat", MAE's and the released Scale-MAE's; or "interleave", the
-Scale-MAE paper's) orders its sin-cos channels.
-`bands` names the encoder's input channels in order (MMEarth band names), or None if unknown.
+A spec is a JSON-able description of the architecture: {"arch": <name>, ...}. Each arch
+belongs to a module of `mmearth_jax.methods`, whose docstring lists its keys: the plain encoders
+"convnextv2" and "vit" (`methods.encoders`), "mp_mae", "scale_mae" and "mae", "gfm",
+"dense_contrastive". `bands` names the encoder's input channels in order (MMEarth band names), or
+None if unknown.
 Only parameters are read from a training checkpoint (a partial restore: no optimizer state).
 """
 from __future__ import annotations
@@ -40,20 +30,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mmearth_jax.data import modalities as M
-from mmearth_jax.models.convnextv2 import VARIANTS, ConvNeXtV2
-from mmearth_jax.models import dense_contrastive
-from mmearth_jax.models.gfm import SimMIM
-from mmearth_jax.models.mp_mae import MPMAE
-from mmearth_jax.models.scale_mae import ScaleMAE
-from mmearth_jax.models.vit import MAE, VIT_VARIANTS, ViT
+from mmearth_jax import methods
+from mmearth_jax.config_lib import ConfigError
 
 FORMAT = "mmearth_jax.model/1"
-ENCODER_ARCHS = ("convnextv2", "vit")
-ARCHS = ("convnextv2", "mp_mae", "vit", "mae", "scale_mae", "gfm", "dense_contrastive")
-WRAPPERS = ("gfm", "dense_contrastive")  # pretraining models whose spec["encoder"] is the encoder
-_VIT_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "in_chans", "img_size",
-             "bands", "pos_layout")
 
 
 class CheckpointError(ValueError):
@@ -76,136 +56,40 @@ class Pretrained:
 
 
 def spec_from_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
-  """The spec of the model a training config builds."""
+  """The spec of the model a training config (or a run's config.json) builds."""
   c = config if isinstance(config, Mapping) else config.to_dict()
-  if c.get("method") == "scale_mae":
-    return _scale_mae_spec(c)
-  if c.get("method") == "gfm":
-    return _gfm_spec(c)
-  if c.get("method") == "dense_contrastive":
-    bands = list(M.resolve_input(c["data"]["input"]))
-    return dense_contrastive.spec_from_config(c, len(bands), bands)
-  if c.get("method") != "mp_mae":
-    raise CheckpointError(f"config method {c.get('method')!r}: no model spec known for it")
-  m, d = c["model"], c["data"]
-  depths, dims = VARIANTS[m["variant"]]
-  input_bands = M.resolve_input(d["input"])
-  outputs = M.resolve_outputs(d["outputs"], input_bands)
-  return {"arch": "mp_mae", "depths": list(m["depths"] or depths), "dims": list(m["dims"] or dims),
-          "stem": m["stem"], "patch_size": int(m["patch_size"]), "in_chans": len(input_bands),
-          "num_classes": 0, "bands": list(input_bands), "decoder_dim": int(m["decoder_dim"]),
-          "outputs": {k: list(v) for k, v in outputs.items()}}
-
-
-def _image_bands(d: Mapping[str, Any]) -> tuple[list[str] | None, int]:
-  """(bands, channels) of the images an image-folder / tfds or shards data section feeds."""
-  if d.get("images"):
-    return (["B4", "B3", "B2"] if len(d["mean"]) == 3 else None), len(d["mean"])
-  bands = list(M.resolve_input(d["input"]))
-  return bands, len(bands)
-
-
-def _scale_mae_spec(c: Mapping[str, Any]) -> dict:
-  m, d = c["model"], c["data"]
-  size = VIT_VARIANTS[m["variant"]]
-  bands, in_chans = _image_bands(d)
-  return {"arch": "scale_mae", "patch_size": int(m["patch_size"]),
-          "embed_dim": int(m["embed_dim"] or size["embed_dim"]),
-          "depth": int(m["depth"] or size["depth"]),
-          "num_heads": int(m["num_heads"] or size["num_heads"]), "mlp_ratio": 4.0,
-          "in_chans": in_chans, "img_size": int(d["scale"]["input_size"]), "bands": bands,
-          "decoder_embed_dim": int(m["decoder_embed_dim"]),
-          "decoder_depth": int(m["decoder_depth"]),
-          "decoder_num_heads": int(m["decoder_num_heads"]), "fcn_dim": int(m["fcn_dim"]),
-          "fcn_layers": int(m["fcn_layers"]),
-          "independent_fcn_head": bool(m["independent_fcn_head"]),
-          "progressive": bool(m["progressive"]), "out_chans": in_chans,
-          "pos_layout": "concat" if m["pos_variant"] == "code" else "interleave"}
-
-
-def _gfm_spec(c: Mapping[str, Any]) -> dict:
-  m, d, o = c["model"], c["data"], c["objective"]
-  bands, in_chans = _image_bands(d)
-  if m["arch"] == "convnextv2":
-    depths, dims = VARIANTS[m["variant"]]
-    enc = {"arch": "convnextv2", "depths": list(m["depths"] or depths),
-           "dims": list(m["dims"] or dims), "stem": "official",
-           "patch_size": int(o["mask_patch"]), "in_chans": in_chans, "num_classes": 0,
-           "bands": bands}
-  elif m["arch"] == "vit":
-    size = VIT_VARIANTS[m["variant"]]
-    enc = {"arch": "vit", "patch_size": int(m["patch_size"]),
-           "embed_dim": int(m["embed_dim"] or size["embed_dim"]),
-           "depth": int(m["depth"] or size["depth"]),
-           "num_heads": int(m["num_heads"] or size["num_heads"]), "mlp_ratio": 4.0,
-           "in_chans": in_chans, "img_size": int(d["resized_crop"]["size"]), "bands": bands,
-           "pos_layout": "concat"}
-  else:
-    raise CheckpointError(f"config model.arch {m['arch']!r}: GFM encoders are convnextv2 or vit")
-  return {"arch": "gfm", "encoder": enc, "distill_layer": int(o["distill_layer"]),
-          "teacher_dim": 0}
+  try:
+    return methods.get(c.get("method")).spec_from_config(c)
+  except ConfigError as e:
+    raise CheckpointError(str(e)) from e
 
 
 def encoder_spec(spec: Mapping[str, Any]) -> dict:
   """The spec of the encoder inside `spec` (itself if it is an encoder)."""
-  arch = spec["arch"]
-  if arch in ENCODER_ARCHS:
-    return dict(spec)
-  if arch == "mp_mae":
-    keep = ("depths", "dims", "stem", "patch_size", "in_chans", "bands")
-    return {"arch": "convnextv2", **{k: spec[k] for k in keep}, "num_classes": 0}
-  if arch in ("mae", "scale_mae"):
-    return {"arch": "vit", **{k: spec[k] for k in _VIT_KEYS if k in spec}}
-  if arch in WRAPPERS:
-    return dict(spec["encoder"])
-  raise CheckpointError(f"unknown arch {arch!r}; choose from {ARCHS}")
+  return methods.encoder_spec(_known(spec))
 
 
 def encoder_params(spec: Mapping[str, Any], params: Mapping) -> Mapping:
-  return params["encoder"] if spec["arch"] in ("mp_mae", "mae", "scale_mae", *WRAPPERS) else params
+  """The encoder's parameters inside the parameters of the model `spec` describes."""
+  return methods.encoder_params(_known(spec), params)
 
 
 def build(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32):
   """The Flax module `spec` describes."""
-  arch = spec.get("arch")
-  if arch == "dense_contrastive":
-    return dense_contrastive.from_spec(spec, dtype)
-  if arch == "gfm":
-    return SimMIM(encoder=build(spec["encoder"], dtype),
-                  distill_layer=int(spec.get("distill_layer", -2)),
-                  teacher_dim=int(spec.get("teacher_dim", 0)))
-  if arch in ("convnextv2", "mp_mae"):
-    common = dict(depths=tuple(spec["depths"]), dims=tuple(spec["dims"]), stem=spec["stem"],
-                  patch_size=int(spec["patch_size"]), dtype=dtype)
-    if arch == "convnextv2":
-      return ConvNeXtV2(**common, num_classes=int(spec.get("num_classes", 0)))
-    return MPMAE(outputs={k: tuple(v) for k, v in spec["outputs"].items()},
-                 decoder_dim=int(spec["decoder_dim"]), **common)
-  if arch in ("vit", "mae", "scale_mae"):
-    common = dict(patch_size=int(spec["patch_size"]), embed_dim=int(spec["embed_dim"]),
-                  depth=int(spec["depth"]), num_heads=int(spec["num_heads"]),
-                  mlp_ratio=float(spec.get("mlp_ratio", 4.0)), dtype=dtype)
-    if arch == "vit":
-      return ViT(**common, pos_layout=spec.get("pos_layout", "concat"))
-    if arch == "scale_mae":
-      return ScaleMAE(decoder_embed_dim=int(spec["decoder_embed_dim"]),
-                      decoder_depth=int(spec["decoder_depth"]),
-                      decoder_num_heads=int(spec["decoder_num_heads"]),
-                      fcn_dim=int(spec["fcn_dim"]), fcn_layers=int(spec["fcn_layers"]),
-                      independent_fcn_head=bool(spec["independent_fcn_head"]),
-                      progressive=bool(spec.get("progressive", False)),
-                      out_chans=int(spec.get("out_chans", 0)),
-                      pos_variant="paper" if spec.get("pos_layout") == "interleave" else "code",
-                      **common)
-    return MAE(decoder_embed_dim=int(spec["decoder_embed_dim"]),
-               decoder_depth=int(spec["decoder_depth"]),
-               decoder_num_heads=int(spec["decoder_num_heads"]), **common)
-  raise CheckpointError(f"spec arch {arch!r} is unknown; choose from {ARCHS}")
+  return methods.build(_known(spec), dtype)
+
+
+def _known(spec: Mapping[str, Any]) -> Mapping[str, Any]:
+  try:
+    methods.arch(spec)
+  except ValueError as e:
+    raise CheckpointError(str(e)) from e
+  return spec
 
 
 def features_fn(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32, gsd: float | None = None
                 ) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
-  """(encoder params, images (N, H, W, C)) -> (N, D) embeddings.
+  """(encoder params, images (N, H, W, C)) -> (N, D) float32 embeddings.
 
   ConvNeXt V2: LayerNorm of the global average pool (the reference's `forward_features`);
   ViT: the CLS token after the final norm (MAE's and Scale-MAE's kNN features). `gsd` is the
@@ -213,13 +97,10 @@ def features_fn(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32, gsd: fl
   """
   enc = encoder_spec(spec)
   model = build(enc, dtype)
-  if enc["arch"] == "convnextv2":
-    def fn(params, images):
-      return model.apply({"params": params}, images, method="features").astype(jnp.float32)
-  else:
-    def fn(params, images):
-      out = model.apply({"params": params}, images, pos_scale=None if gsd is None else float(gsd))
-      return out[:, 0].astype(jnp.float32)
+  features = methods.arch(enc).features
+
+  def fn(params, images):
+    return features(model, params, images, gsd).astype(jnp.float32)
   return fn
 
 

@@ -15,7 +15,7 @@ from array_record.python import array_record_module
 
 from mmearth_jax import cli
 from mmearth_jax.data import convert
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.data import records
 from mmearth_jax.data import synth
 from mmearth_jax.data.convert import ConversionError

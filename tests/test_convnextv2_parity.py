@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.interop import convert_convnextv2 as cv
 from mmearth_jax.interop import torch_convnextv2 as tc
 from mmearth_jax.models import convnextv2 as cx

@@ -16,11 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmearth_jax import cli, config_lib, metrics, pretrained, train
+from mmearth_jax import cli, config_lib, methods, metrics, pretrained, train
 from mmearth_jax.interop import compare
 from mmearth_jax.models.convnextv2 import ConvNeXtV2
-from mmearth_jax.models.dense_contrastive import (DenseContrastive, from_spec, init_params,
-                                                  spec_from_config)
+from mmearth_jax.models.dense_contrastive import DenseContrastive, init_params
 from mmearth_jax.objectives import dense_contrastive as dc
 from mmearth_jax.ops import views as V
 
@@ -361,14 +360,15 @@ def test_every_variant_loads_and_builds():
       cfg = config_lib.load(f"{CONFIG}:{model}{data}")
       assert cfg.method == "dense_contrastive" and cfg.model.variant == model
       assert (cfg.objective.view_size, cfg.model.patch_size, cfg.data.crop) == (view, patch, crop)
-      m = DenseContrastive.from_config(cfg.model, cfg.objective)
+      m = methods.get("dense_contrastive").model_from_config(cfg)
       _, _, cells = m.cell_centres(view)
       assert cells in (6, 7)
       assert cfg.data.global_batch_size % cfg.objective.negatives_group == 0
   demo = config_lib.load(f"{CONFIG}:demo")
-  spec = spec_from_config(demo.to_dict(), 12, None)
+  spec = pretrained.spec_from_config(demo)
   assert spec["arch"] == "dense_contrastive" and spec["encoder"]["arch"] == "convnextv2"
-  built, direct = from_spec(spec), DenseContrastive.from_config(demo.model, demo.objective)
+  built = pretrained.build(spec)
+  direct = methods.get("dense_contrastive").model_from_config(demo)
   x = jnp.zeros((1, 56, 56, 12))
   shapes = lambda m: jax.tree.map(lambda a: a.shape,
                                   jax.eval_shape(lambda r: init_params(m, r, x), jax.random.key(0)))
@@ -380,7 +380,7 @@ def test_every_variant_loads_and_builds():
     config_lib.load(f"{CONFIG}:pico")
   bad = config_lib.load(f"{CONFIG}:demo", ["objective.feature_stage=5"])
   with pytest.raises(ValueError, match="objective.feature_stage"):
-    DenseContrastive.from_config(bad.model, bad.objective)
+    methods.get("dense_contrastive").model_from_config(bad)
   with pytest.raises(ValueError, match="objective.negatives_group"):
     dc.info_nce(jnp.zeros((3, 2, 4)), jnp.zeros((3, 2, 4)), jnp.ones((3, 2), bool), 0.2, 2)
   with pytest.raises(ValueError, match="objective.crop_scale"):

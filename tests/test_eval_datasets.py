@@ -10,10 +10,12 @@ import h5py
 import numpy as np
 import pytest
 
+from mmearth_jax import bands, testing
+from mmearth_jax import modalities as M
 from mmearth_jax.data import convert, synth
-from mmearth_jax.data import modalities as M
 from mmearth_jax.eval import datasets as D
 from mmearth_jax.eval import geobench_format as G
+from mmearth_jax.ops import resize as R
 
 S2_12 = M.S2_INPUT_BANDS
 
@@ -29,17 +31,16 @@ def _fresh_tfds_stats():
 def gb(tmp_path_factory):
   """Small GEO-Bench tasks in the published layout."""
   root = str(tmp_path_factory.mktemp("geobench"))
+  write = testing.write_geobench_sample
   return {
-      "eurosat": D.write_geobench_sample(root, name="m-eurosat", n=40, size=16, seed=0),
-      "plain": D.write_geobench_sample(root, name="m-plain", n=20, size=8, seed=1, num_classes=4),
-      "so2sat": D.write_geobench_sample(root, name="m-so2sat", n=20, size=8, seed=2,
-                                        num_classes=17, bands=G.GEOBENCH_S1_NAMES
-                                        + G.GEOBENCH_SO2SAT_S2_NAMES),
-      "ben": D.write_geobench_sample(root, name="m-bigearthnet", n=20, size=12, seed=3,
-                                     num_classes=43, multilabel=True,
-                                     bands=G.GEOBENCH_BIGEARTHNET_NAMES),
-      "rgb": D.write_geobench_sample(root, name="m-rgb", n=10, size=8, seed=4, num_classes=2,
-                                     bands=("Red", "Green", "Blue")),
+      "eurosat": write(root, name="m-eurosat", n=40, size=16, seed=0),
+      "plain": write(root, name="m-plain", n=20, size=8, seed=1, num_classes=4),
+      "so2sat": write(root, name="m-so2sat", n=20, size=8, seed=2, num_classes=17,
+                      bands=bands.GEOBENCH_S1_NAMES + bands.GEOBENCH_SO2SAT_S2_NAMES),
+      "ben": write(root, name="m-bigearthnet", n=20, size=12, seed=3, num_classes=43,
+                   multilabel=True, bands=bands.GEOBENCH_BIGEARTHNET_NAMES),
+      "rgb": write(root, name="m-rgb", n=10, size=8, seed=4, num_classes=2,
+                   bands=("Red", "Green", "Blue")),
   }
 
 
@@ -71,12 +72,12 @@ def test_geobench_files_are_in_the_published_layout(gb):
   assert {"band_stats.json", "task_specs.pkl", "default_partition.json",
           "0.01x_train_partition.json", "1.00x_train_partition.json"} <= names
   with h5py.File(os.path.join(folder, "id_0000.hdf5")) as f:
-    assert set(f.keys()) == set(G.GEOBENCH_S2_NAMES)
+    assert set(f.keys()) == set(bands.GEOBENCH_S2_NAMES)
     raw = f.attrs["pickle"]
     assert isinstance(raw, str) and raw[:2] in ("b'", 'b"')  # str(pickle.dumps(...))
     assert f["02 - Blue"].dtype == np.int16 and f["02 - Blue"].shape == (16, 16)
     attrs = G.read_attrs(f)
-  assert attrs["bands_order"] == list(G.GEOBENCH_S2_NAMES)
+  assert attrs["bands_order"] == list(bands.GEOBENCH_S2_NAMES)
   assert G.stub_class(attrs["04 - Red"]["band_info"]) == "Sentinel2"
   assert attrs["04 - Red"]["band_info"].name == "04 - Red"
   assert isinstance(attrs["label"], int)
@@ -256,14 +257,15 @@ def test_band_mapping_rule():
   assert D.geobench_band_name("02 - Blue", "Landsat8") is None
 
 
-def test_resize_matches_jax_linear():
+def test_image_resize_matches_jax_linear():
+  """The loaders' image resize (`ops.resize` bilinear with antialias) is jax.image.resize's."""
   import jax
   rng = np.random.default_rng(0)
   x = rng.standard_normal((16, 12, 3)).astype(np.float32)
   for size in [(32, 24), (8, 6), (20, 5)]:
     want = np.asarray(jax.image.resize(x, size + (3,), method="linear"))
-    np.testing.assert_allclose(D.resize(x, size), want, atol=1e-5)
-  assert np.allclose(D.resize(np.full((5, 5), 2.0), 7), 2.0)
+    np.testing.assert_allclose(R.resize(x, size, "bilinear", antialias=True), want, atol=1e-5)
+  assert np.allclose(R.resize(np.full((5, 5), 2.0), 7, "bilinear", antialias=True), 2.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,9 +322,10 @@ def test_tfds_so2sat_and_bigearthnet():
   for i, r in enumerate(recs):
     assert set(np.flatnonzero(b.labels[i])) == set(np.asarray(r["labels"]).tolist())
   # B1 is stored at 20 px, B8A at 60 px: upsampled to 120, then z-scored.
-  b1 = np.stack([D.resize(r["B01"], 120) for r in recs]).astype(np.float64)
+  up = lambda a: R.resize(np.asarray(a, np.float32), 120, "bilinear", antialias=True)  # noqa: E731
+  b1 = np.stack([up(r["B01"]) for r in recs]).astype(np.float64)
   np.testing.assert_allclose(b.images[..., 0], (b1 - b1.mean()) / b1.std(), atol=1e-3)
-  b8a = np.stack([D.resize(r["B8A"], 120) for r in recs]).astype(np.float64)
+  b8a = np.stack([up(r["B8A"]) for r in recs]).astype(np.float64)
   np.testing.assert_allclose(b.images[..., S2_12.index("B8A")], (b8a - b8a.mean()) / b8a.std(),
                              atol=1e-3)
 

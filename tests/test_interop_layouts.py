@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.interop import convert_convnextv2 as cv
 from mmearth_jax.interop import hub, torch_io
 from mmearth_jax.interop import torch_convnextv2 as tc

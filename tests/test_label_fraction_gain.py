@@ -46,9 +46,10 @@ def test_pretrained_init_beats_random_init_at_one_percent_of_labels(tmp_path):
           for split in ("train", "test")}
   gains, rows = [], []
   for s in SUBSETS:
-    ft = seg.FinetuneConfig(epochs=200, max_steps=300, seed=s)  # the sweep's defaults
-    miou = {name: seg.run(spec, p, data["train"], data["test"], ft, label_fraction=0.01,
-                          subset_seed=s)["miou"]
+    # The sweep's defaults; the seed draws the label subset too.
+    ft = config_lib.load(f"{REPO}/configs/segment.py", [
+        "epochs=200", "max_steps=300", "label_fraction=0.01", f"seed={s}"])
+    miou = {name: seg.run(spec, p, data["train"], data["test"], ft)["miou"]
             for name, p in (("random", None), ("mp_mae", params))}
     gains.append(miou["mp_mae"] - miou["random"])
     rows.append(f"subset {s}: random {100 * miou['random']:.1f}, mp_mae {100 * miou['mp_mae']:.1f}")

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.data import pipeline
 from mmearth_jax.models.mp_mae import MPMAE, random_patch_mask
 from mmearth_jax.objectives import mp_mae as L

@@ -11,6 +11,7 @@ import pytest
 import torch
 from _env import REPO, cpu_env
 
+from mmearth_jax import testing
 from mmearth_jax.eval import datasets
 from mmearth_jax.interop import torch_convnextv2 as tc
 
@@ -30,8 +31,8 @@ def mmearth_torch_checkpoint(tmp_path):
 
 
 def test_knn_notebook_runs_headless(mmearth_torch_checkpoint, tmp_path, monkeypatch):
-  task = datasets.write_geobench_sample(str(tmp_path / "geobench"), name="m-eurosat", n=80,
-                                        size=32, num_classes=10, seed=0)
+  task = testing.write_geobench_sample(str(tmp_path / "geobench"), name="m-eurosat", n=80,
+                                       size=32, num_classes=10, seed=0)
   out = tmp_path / "out"
   for k, v in cpu_env(1).items():  # the kernel inherits this environment
     monkeypatch.setenv(k, v)

@@ -1,10 +1,12 @@
-"""mmearth_jax.ops: MAE token gather/scatter (jnp vs Pallas in interpret mode) and depthwise conv."""
+"""mmearth_jax.ops: MAE token gather/scatter (jnp vs Pallas in interpret mode), depthwise conv
+and the one resize (every mode against torch's `F.interpolate`)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mmearth_jax.ops import depthwise, masked_tokens as mt
+from mmearth_jax.ops import resize as R
 from mmearth_jax.ops.conv import conv2d
 from mmearth_jax.ops.depthwise import depthwise_conv2d
 from mmearth_jax.ops.masked_tokens import gather_tokens, random_masking, scatter_tokens
@@ -326,3 +328,59 @@ def test_conv2d_matmul_equals_lax(n, s, cin, cout, k, stride, pad, groups):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max()))
   with pytest.raises(ValueError, match="unknown conv impl"):
     conv2d(x, w, impl="fft")
+
+
+# ---------------------------------------------------------------------------------------------
+# resize
+# ---------------------------------------------------------------------------------------------
+
+# (method, options, torch's interpolate arguments): every mode a call site uses.
+RESIZE_MODES = [
+    ("area", {}, dict(mode="area")),
+    ("bilinear", {}, dict(mode="bilinear", align_corners=False)),
+    ("bilinear", {"align_corners": True}, dict(mode="bilinear", align_corners=True)),
+    ("bilinear", {"antialias": True}, dict(mode="bilinear", align_corners=False, antialias=True)),
+    ("bicubic", {}, dict(mode="bicubic", align_corners=False)),
+    ("nearest", {}, dict(mode="nearest")),
+    ("nearest-exact", {}, dict(mode="nearest-exact")),
+]
+
+
+@pytest.mark.parametrize("method,options,torch_args", RESIZE_MODES)
+def test_resize_matches_torch_interpolate(method, options, torch_args):
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 13, 10, 3)).astype(np.float32)
+  for size in [(26, 20), (7, 4), (13, 17), (1, 1)]:
+    want = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=size,
+                                           **torch_args).permute(0, 2, 3, 1).numpy()
+    got = R.resize(x, size, method, **options)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    if method.startswith("nearest"):
+      np.testing.assert_array_equal(got, want)  # a copy of input pixels
+    else:
+      np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"{method} {options} {size}")
+    # jnp in and out, the same numbers (one implementation for the data workers and the step)
+    np.testing.assert_allclose(np.asarray(R.resize(jnp.asarray(x), size, method, **options)),
+                               got, atol=2e-6)
+
+
+def test_resize_maps_labels_sizes_and_bad_options():
+  rng = np.random.default_rng(0)
+  y = rng.integers(-1, 5, (7, 9)).astype(np.int64)  # an (H, W) label map, -1 = no label
+  z = R.resize(y, 16, "nearest-exact")
+  assert z.dtype == np.int64 and z.shape == (16, 16) and set(np.unique(z)) <= set(np.unique(y))
+  x = rng.standard_normal((7, 9)).astype(np.float32)  # an (H, W) plane equals one channel
+  np.testing.assert_allclose(R.resize(x, (5, 4), "bilinear", antialias=True),
+                             R.resize(x[..., None], (5, 4), "bilinear", antialias=True)[..., 0],
+                             atol=1e-6)
+  assert R.resize(x, (7, 9), "bicubic") is x  # same size: untouched
+  np.testing.assert_allclose(R.matrix("area", 6, 3).sum(1), 1.0)
+  with pytest.raises(ValueError, match="choose from"):
+    R.resize(x, 4, "lanczos")
+  with pytest.raises(ValueError, match="only implemented for method 'bilinear'"):
+    R.resize(x, 4, "bicubic", antialias=True)
+  with pytest.raises(ValueError, match="cannot be combined"):
+    R.matrix("bilinear", 4, 2, align_corners=True, antialias=True)
+  with pytest.raises(ValueError, match="must be positive"):
+    R.matrix("area", 0, 2)

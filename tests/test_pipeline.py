@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmearth_jax.data import convert, pipeline
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 
 
 def _cfg(path, **kw):

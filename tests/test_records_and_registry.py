@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.data import records
 
 

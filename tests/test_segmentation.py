@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import config_lib, testing
+from mmearth_jax import modalities as M
 from mmearth_jax.eval import datasets as D
 from mmearth_jax.eval import geobench_format as G
 from mmearth_jax.eval import segmentation as S
@@ -31,8 +32,8 @@ S2_12 = M.S2_INPUT_BANDS
 def task(tmp_path_factory):
   """A 3-class GEO-Bench segmentation task, 16 px, all 13 Sentinel-2 bands."""
   root = str(tmp_path_factory.mktemp("geobench_seg"))
-  return D.write_geobench_segmentation_sample(root, name="m-cashew-plant", n=20, size=16,
-                                              num_classes=3, seed=0)
+  return testing.write_geobench_segmentation_sample(root, name="m-cashew-plant", n=20, size=16,
+                                                    num_classes=3, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,14 @@ def splits(task):
 
 def tiny_encoder():
   return unet.encoder_spec_for("atto", **TINY, patch_size=8, bands=S2_12)
+
+
+def recipe(**fields):
+  """configs/segment.py's default recipe with `fields` set (a misspelt field raises)."""
+  cfg = config_lib.load("configs/segment.py")
+  for key, value in fields.items():
+    setattr(cfg, key, value)
+  return cfg
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -198,7 +207,8 @@ def test_geobench_segmentation_errors_name_the_file(task, tmp_path):
   with pytest.raises(ValueError, match="load_segmentation"):
     D.load(f"geobench:{task}", "train", S2_12)
   # And the segmentation loader refuses a classification task.
-  cls = D.write_geobench_sample(str(tmp_path), name="m-eurosat-like", n=6, size=8, num_classes=2)
+  cls = testing.write_geobench_sample(str(tmp_path), name="m-eurosat-like", n=6, size=8,
+                                      num_classes=2)
   with pytest.raises(D.EvalDataError, match="not a segmentation task"):
     D.load_segmentation(f"geobench:{cls}", "train", S2_12)
   with pytest.raises(D.EvalDataError, match="mmearth:<shards folder> or geobench"):
@@ -225,7 +235,7 @@ def test_the_encoder_is_frozen_then_trained(splits):
   train, _ = splits
   model = S.build_segmenter(tiny_encoder(), train.num_classes)
   params = S.init_params(model, train.images.shape[1:], seed=0)
-  cfg = S.FinetuneConfig(steps=6, freeze_fraction=0.5, lr=1e-2, warmup_steps=1)
+  cfg = recipe(steps=6, freeze_fraction=0.5, lr=1e-2, warmup_steps=1)
   seen = {}
   S.finetune(model, params, train, cfg, on_step=lambda step, p: seen.__setitem__(
       step, jax.tree.map(np.asarray, p)))
@@ -247,41 +257,82 @@ def test_the_encoder_is_frozen_then_trained(splits):
 
 
 def test_an_epoch_budget_gives_small_fractions_few_steps():
-  cfg = S.FinetuneConfig(epochs=200, batch_size=8)
-  assert cfg.num_steps(2) == 50 and cfg.freeze_steps(2) == 12  # 50 of 200 epochs frozen
-  assert cfg.num_steps(200) == 5000
-  assert S.FinetuneConfig(epochs=200, max_steps=300).num_steps(200) == 300
-  assert S.FinetuneConfig(steps=7).num_steps(200) == 7
+  cfg = recipe(epochs=200, batch_size=8)
+  assert S.num_steps(cfg, 2) == 50 and S.freeze_steps(cfg, 2) == 12  # 50 of 200 epochs frozen
+  assert S.num_steps(cfg, 200) == 5000
+  assert S.num_steps(recipe(epochs=200, max_steps=300), 200) == 300
+  assert S.num_steps(recipe(steps=7), 200) == 7
   with pytest.raises(ValueError, match="freeze_fraction"):
-    S.FinetuneConfig(freeze_fraction=1.5).check()
+    S.check_config(recipe(freeze_fraction=1.5))
+  with pytest.raises(ValueError, match="label_fraction"):
+    S.check_config(recipe(label_fraction=0.0))
+
+
+def test_the_default_recipe_is_the_old_segment_defaults():
+  """configs/segment.py's default variant holds what `segment`'s flags and FinetuneConfig
+  defaulted to before the recipe became a config."""
+  want = dict(dataset="", data_dir="", partition="default", train_split="train",
+              test_split="test", image_size=0, max_examples=0, label_fraction=1.0,
+              checkpoint="random", variant="atto", depths=(), dims=(), stem="mmearth",
+              patch_size=8, bands="", epochs=200.0, steps=0, max_steps=0, batch_size=8, lr=3e-3,
+              encoder_lr_scale=1.0, weight_decay=0.05, warmup_steps=5, freeze_fraction=0.25,
+              flips=True, decoder_dims=(), eval_batch_size=32, seed=0, json="")
+  cfg = config_lib.load("segment")
+  assert cfg.to_dict() == want
+  assert config_lib.load("segment:mmearth").to_dict() == want
+  demo = config_lib.load("configs/segment.py:demo").to_dict()
+  assert {k: v for k, v in demo.items() if want[k] != v} == {
+      "dataset": "mmearth:data/demo/shards", "image_size": 32, "label_fraction": 0.01,
+      "max_steps": 300}
 
 
 def test_fine_tuning_learns_the_geobench_task(splits):
   train, test = splits
-  cfg = S.FinetuneConfig(steps=40, lr=1e-2, warmup_steps=1)
-  result = S.run(tiny_encoder(), None, train, test, cfg, label_fraction=1.0)
+  cfg = recipe(steps=40, lr=1e-2, warmup_steps=1, label_fraction=1.0)
+  result = S.run(tiny_encoder(), None, train, test, cfg)
   assert result["train_tiles"] == len(train.images) and result["steps"] == 40
   # Class spectra are well apart: far above the 1/3 of a constant prediction.
   assert result["miou"] > 0.6 and result["pixel_accuracy"] > 0.8
-  few = S.run(tiny_encoder(), None, train, test, cfg, label_fraction=0.1)
+  cfg.label_fraction = 0.1
+  few = S.run(tiny_encoder(), None, train, test, cfg)
   assert few["train_tiles"] == 1
 
 
 def test_segment_cli_writes_metrics(task, tmp_path, capsys):
   from mmearth_jax import cli
   out = str(tmp_path / "seg.json")
-  rc = cli.main(["segment", "--dataset", f"geobench:{task}", "--depths", "1,1,1,1", "--dims",
-                 "8,16,16,16", "--steps", "4", "--freeze-fraction", "0.5",
-                 "--label-fraction", "0.5", "--json", out])
+  # The default config (configs/segment.py's mmearth variant) with overrides.
+  rc = cli.main(["segment", f"--config.dataset=geobench:{task}", "--config.depths=1,1,1,1",
+                 "--config.dims", "8,16,16,16", "--config.steps=4", "--config.freeze_fraction=0.5",
+                 "--config.label_fraction=0.5", f"--config.json={out}"])
   assert rc == 0
   text = capsys.readouterr().out
   assert "mIoU" in text and "pixel accuracy" in text and "class_2" in text
+  assert f"geobench:{task}: 12 train / 4 test tiles of 16x16 px, 3 classes; encoder: random" in text
+  assert "fine-tuned on 6 tiles (50 % of the labels), 4 steps (" in text
   result = json.load(open(out))
   assert result["train_tiles"] == 6 and result["freeze_steps"] == 2 and 0 <= result["miou"] <= 1
-  assert cli.main(["segment", "--dataset", f"geobench:{task}", "--label-fraction", "2"]) == 2
-  assert "label-fraction" in capsys.readouterr().err
+  assert result["dataset"] == f"geobench:{task}" and result["encoder"].startswith("random init")
+  assert cli.main(["segment", f"--config.dataset=geobench:{task}",
+                   "--config.label_fraction=2"]) == 2
+  assert "label_fraction" in capsys.readouterr().err
+  assert cli.main(["segment", "--config.steps=4"]) == 2  # the default variant has no dataset
+  assert "config dataset is empty" in capsys.readouterr().err
   sub = cli.build_parser()._subparsers._group_actions[0].choices["segment"]
   assert all(a.help for a in sub._actions if a.dest != "help")
+
+
+def test_segment_cli_runs_the_demo_config(task, capsys):
+  """`--config segment:demo` plus overrides: the demo's 1 % of the labels on the tiny task."""
+  from mmearth_jax import cli
+  rc = cli.main(["segment", "--config", "segment:demo", f"--config.dataset=geobench:{task}",
+                 "--config.image_size=0", "--config.depths=(1, 1, 1, 1)",
+                 "--config.dims=(8, 16, 16, 16)", "--config.steps=3"])
+  assert rc == 0
+  text = capsys.readouterr().out
+  assert "fine-tuned on 1 tiles (1 % of the labels), 3 steps (24 epochs, encoder frozen for 1)" \
+      in text
+  assert "step 3/3: loss" in text and "mIoU" in text
 
 
 def test_label_fraction_sweep_prints_a_table(task, capsys):

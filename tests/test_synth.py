@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.data import synth
 
 

@@ -22,7 +22,7 @@ from _env import REPO, cpu_env
 from jax.sharding import PartitionSpec as P
 
 from mmearth_jax import config_lib, metrics, train
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.parallel import mesh as mesh_lib
 
 CONFIG = os.path.join(REPO, "configs", "mp_mae.py")

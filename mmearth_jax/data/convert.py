@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 from array_record.python import array_record_module
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.data import records
 from mmearth_jax.data.source import SourceError, open_variant, read_rows
 

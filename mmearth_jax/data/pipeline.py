@@ -34,7 +34,8 @@ import numpy as np
 
 from array_record.python import array_record_module
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import config_lib
+from mmearth_jax import modalities as M
 from mmearth_jax.data import records
 from mmearth_jax.data.convert import load_manifest, shard_paths
 
@@ -86,19 +87,8 @@ class ShardSource(grain.sources.RandomAccessDataSource):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The data section of a training config."""
-  c = ml_collections.ConfigDict()
-  c.path = ""  # folder written by `mmearth-jax convert`
-  c.input = "s2"  # Sentinel-2 input bands: s2 (12, no B10), rgb, s2_all, or "B4,B3,B2"
-  c.outputs = "all"  # all, s2_only, rgb_only, pixel_only, image_only, or "sentinel1,biome"
-  c.crop = 0  # crop size in pixels; 0 = the paper's (128 -> 112, 64 -> 56)
-  c.global_batch_size = 32
-  c.seed = 0
-  c.num_epochs = 0  # 0 = repeat forever
-  c.workers = 0  # worker processes (0: decode in this process with read_threads threads)
-  c.read_threads = 4  # threads when workers = 0 (decoding and numpy release the GIL)
-  c.prefetch = 8  # batches buffered ahead when workers = 0
-  return c
+  """The data section of a training config; its defaults live in `config_lib.data_config`."""
+  return config_lib.data_config()
 
 
 def paper_crop(tile_size: int) -> int:
@@ -141,7 +131,7 @@ class Transform:
       inv = np.where(ok_std, 1.0 / np.where(ok_std, std, 1.0), 1.0)
       self.stats[key] = (mean.astype(np.float32), inv.astype(np.float32))
 
-  def _zscore(self, m: M.Modality, x: np.ndarray, idx: np.ndarray, s2_type: str):
+  def zscore(self, m: M.Modality, x: np.ndarray, idx: np.ndarray, s2_type: str):
     """Selected bands of `x` (..., C) z-scored, with invalid values set to 0, and the mask."""
     if m.unsigned_view:
       x = x.view(m.unsigned_view)
@@ -175,7 +165,7 @@ class Transform:
     size = arrays["sentinel2"].shape[0]
     top, left = rng.integers(0, size - self.crop + 1, size=2)
     win = (slice(top, top + self.crop), slice(left, left + self.crop))
-    image, _ = self._zscore(M.MODALITIES["sentinel2"], arrays["sentinel2"][win], self.input_idx,
+    image, _ = self.zscore(M.MODALITIES["sentinel2"], arrays["sentinel2"][win], self.input_idx,
                             s2_type)
     targets, valid = {}, {}
     for name, t in self.outputs.items():
@@ -184,7 +174,7 @@ class Transform:
       if m.level == M.PIXEL:
         x = x[win]
       if m.task == M.REGRESSION:
-        targets[name], valid[name] = self._zscore(m, x, t.band_idx, s2_type)
+        targets[name], valid[name] = self.zscore(m, x, t.band_idx, s2_type)
       elif m.task == M.SEGMENTATION:
         labels = t.lut[x[..., 0]]
         targets[name], valid[name] = labels, labels >= 0

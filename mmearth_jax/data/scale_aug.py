@@ -35,9 +35,8 @@ GFM / SimMIM's augmentation (`make_crop_dataset`, data section `data.resized_cro
 sources and replaces the scale augmentation by torchvision's RandomResizedCrop(size, scale,
 ratio) (10 tries, then a centre crop; bilinear) and a horizontal flip, giving {"image"} alone.
 
-Resizes use the separable matrices of `mmearth_jax.ops.resize` (equal to torch's
-`F.interpolate`), applied as banded gathers: each output pixel reads 2 or 4 inputs, so a
-448 px bicubic resize costs a few ms instead of a dense matrix product.
+Resizes are `mmearth_jax.ops.resize` (equal to torch's `F.interpolate`): two small separable
+matrices, so a 448 px bicubic resize costs a few ms.
 """
 from __future__ import annotations
 
@@ -50,22 +49,13 @@ import grain
 import ml_collections
 import numpy as np
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.data import pipeline
 from mmearth_jax.data.convert import load_manifest, shard_paths
 from mmearth_jax.ops import resize as R
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 FMOW_SUFFIX = "_rgb.jpg"
-
-
-# ---------------------------------------------------------------------------------------------
-# Resizing.
-
-
-def resize_image(x: np.ndarray, size: int, method: str) -> np.ndarray:
-  """(H, W, C) float32 -> (size, size, C) float32, as torch's interpolate (`ops.resize`)."""
-  return R.resize(x, (size, size), method)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,8 +124,8 @@ class ScaleAugment(grain.transforms.RandomMap):
       x = x[:, ::-1]
     top, left, side = self.crop_box(x.shape[0], x.shape[1], rng)
     crop = np.ascontiguousarray(x[top:top + side, left:left + side])
-    target = resize_image(crop, self.target_size, "bicubic")
-    image = resize_image(target, self.input_size, "bilinear")
+    target = R.resize(crop, self.target_size, "bicubic")
+    image = R.resize(target, self.input_size, "bilinear")
     target_gsd = self.base_resolution * side / self.target_size
     out = {"image": image.astype(np.float32, copy=False),
            "target": target.astype(np.float32, copy=False),

@@ -13,7 +13,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 
 
 class SourceError(ValueError):

@@ -24,7 +24,7 @@ import tempfile
 import h5py
 import numpy as np
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 
 # Surface reflectance x 1e4 per Dynamic World class, bands in file order (B8A before B8).
 _SPECTRA = np.array([

@@ -25,8 +25,8 @@ Band mapping (`band_mapping`, used by every loader; `EvalData.mapping` keeps it)
   B8 land where the encoder expects them (MMEarth-train feeds GEO-Bench's order, B8 then B8A,
   to an encoder pretrained on B8A then B8); and the published GEO-Bench m-eurosat and
   m-brick-kiln, whose stored band names do not match their channels (geo-bench issues #28
-  and #29), are corrected (`GEOBENCH_BAND_FIXES`; `fix_band_names=False` reads the names as
-  stored, which is what MMEarth-train saw).
+  and #29), are corrected (`bands.GEOBENCH_BAND_FIXES`; `fix_band_names=False` reads the names
+  as stored, which is what MMEarth-train saw).
 
 Normalisation:
   geobench  z-score with the task's `band_stats.json` (mean, std per stored band name); for
@@ -38,10 +38,10 @@ Normalisation:
             stats by the tile's S2_type, no-data pixels set to 0.
   NaN or inf after normalisation becomes 0. A band with std 0 is only centred.
 
-`image_size`: geobench and tfds images are resized (bilinear, antialiased when shrinking,
-half-pixel centres, edge-clamped: like `jax.image.resize(method="linear")`); mmearth tiles are
-centre-cropped. Memory: the whole split is held as float32, e.g. m-bigearthnet's 20k train
-images at 120 px with 12 bands are 14 GB; pass `image_size` or `max_examples` to bound it.
+`image_size`: geobench and tfds images are resized (`ops.resize`: bilinear, antialiased when
+shrinking, half-pixel centres, edge-clamped: like `jax.image.resize(method="linear")`); mmearth
+tiles are centre-cropped. Memory: the whole split is held as float32, e.g. m-bigearthnet's 20k
+train images at 120 px with 12 bands are 14 GB; pass `image_size` or `max_examples` to bound it.
 
 Segmentation (`load_segmentation` -> `SegmentationData`: the same images plus a per-pixel class
 map, -1 = no label):
@@ -64,10 +64,10 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import bands as B
+from mmearth_jax import modalities as M
 from mmearth_jax.eval import geobench_format as G
-from mmearth_jax.eval.geobench_format import (  # noqa: F401 (public API)
-    write_geobench_sample, write_geobench_segmentation_sample)
+from mmearth_jax.ops import resize as R
 
 
 class EvalDataError(ValueError):
@@ -85,9 +85,6 @@ class EvalData:
   mapping: BandMapping | None = None  # how dataset channels became encoder channels
 
 
-# Central wavelengths (nm) of the Sentinel-2 bands: "nearest band" for filling a missing one.
-S2_WAVELENGTH_NM = {"B1": 443, "B2": 490, "B3": 560, "B4": 665, "B5": 705, "B6": 740, "B7": 783,
-                    "B8": 842, "B8A": 865, "B9": 945, "B10": 1375, "B11": 1610, "B12": 2190}
 FILL_NEAREST = "nearest"
 FILL_ZERO = "zero"
 
@@ -140,7 +137,7 @@ def band_mapping(dataset_bands: Sequence[str | None], encoder_bands: Sequence[st
   half of the encoder's bands are present, naming `dataset` and the missing bands."""
   if fill not in (FILL_NEAREST, FILL_ZERO):
     raise EvalDataError(f"fill must be {FILL_NEAREST!r} or {FILL_ZERO!r}, got {fill!r}")
-  unknown = [b for b in encoder_bands if b not in S2_WAVELENGTH_NM]
+  unknown = [b for b in encoder_bands if b not in B.S2_WAVELENGTH_NM]
   if unknown or not encoder_bands:
     raise EvalDataError(f"encoder bands {unknown or list(encoder_bands)} are not Sentinel-2 band "
                         f"names; use MMEarth names {list(M.S2_BANDS)}")
@@ -166,8 +163,8 @@ def band_mapping(dataset_bands: Sequence[str | None], encoder_bands: Sequence[st
       filled[b] = None
     else:
       # Nearest present band in wavelength; ties go to the shorter wavelength.
-      src = min(where, key=lambda s: (abs(S2_WAVELENGTH_NM[s] - S2_WAVELENGTH_NM[b]),
-                                      S2_WAVELENGTH_NM[s]))
+      nm = B.S2_WAVELENGTH_NM
+      src = min(where, key=lambda s: (abs(nm[s] - nm[b]), nm[s]))
       indices.append(where[src])
       filled[b] = src
   used = {i for i in indices if i is not None}
@@ -179,28 +176,6 @@ def band_mapping(dataset_bands: Sequence[str | None], encoder_bands: Sequence[st
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers.
-
-def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) linear-interpolation weights: half-pixel centres, triangle kernel widened by
-  the shrink factor when downsampling (antialiasing), weights renormalised at the edges."""
-  scale = n_out / n_in
-  centres = (np.arange(n_out) + 0.5) / scale - 0.5
-  radius = max(1.0, 1.0 / scale)
-  w = np.maximum(0.0, 1.0 - np.abs(np.arange(n_in)[None, :] - centres[:, None]) / radius)
-  return (w / w.sum(1, keepdims=True)).astype(np.float32)
-
-
-def resize(x: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-  """Bilinear resize of (H, W, C) or (H, W) to `size` (see `resize_matrix`)."""
-  h, w = (size, size) if isinstance(size, int) else size
-  if x.shape[:2] == (h, w):
-    return x.astype(np.float32, copy=False)
-  a, b = resize_matrix(x.shape[0], h), resize_matrix(x.shape[1], w)
-  x = x.astype(np.float32, copy=False)
-  if x.ndim == 2:
-    return a @ x @ b.T
-  return np.einsum("oh,hwc,pw->opc", a, x, b, optimize=True)
-
 
 def _center_crop(x: np.ndarray, size: int) -> np.ndarray:
   h, w = x.shape[:2]
@@ -271,20 +246,7 @@ def load(dataset: str, split: str, bands: Sequence[str], *, data_dir: str | None
 # ---------------------------------------------------------------------------------------------
 # GEO-Bench.
 
-# Published tasks whose stored band names do not name their channels: stored name -> the
-# Sentinel-2 band the channel really holds (None: not a Sentinel-2 band).
-#   m-eurosat: geobench wrote EuroSAT's channels (B1..B12, then B8A: EuroSAT issue #7, torchgeo
-#     PR #2480) under B1..B8, B8A, B9..B12 (geo-bench issue #28).
-#   m-brick-kiln: the source exports B1, B2, B3, B4, B5, B7, B8A, B8, B11, B12, TCI_R, TCI_G,
-#     TCI_B, stored as the 13 Sentinel-2 names in order (geo-bench issue #29).
-GEOBENCH_BAND_FIXES: dict[str, dict[str, str | None]] = {
-    "m-eurosat": {"08A - Vegetation Red Edge": "B9", "09 - Water vapour": "B10",
-                  "10 - SWIR - Cirrus": "B11", "11 - SWIR": "B12", "12 - SWIR": "B8A"},
-    "m-brick-kiln": {"06 - Vegetation Red Edge": "B7", "07 - Vegetation Red Edge": "B8A",
-                     "08 - NIR": "B8", "08A - Vegetation Red Edge": "B11",
-                     "09 - Water vapour": "B12", "10 - SWIR - Cirrus": None, "11 - SWIR": None,
-                     "12 - SWIR": None},
-}
+# Band names, channel orders and the published tasks' band-name fixes: `mmearth_jax.bands`.
 # Tasks whose band_stats.json is in other units than their Sentinel-2 pixels: stats x factor.
 # m-so2sat: pixels are reflectance (0..~3), stats reflectance x 1e4 (MMEarth-train
 # geobenchdataset.py divides them by 1e4). Applied only while the stats still look x 1e4.
@@ -294,7 +256,6 @@ GEOBENCH_NUM_CLASSES = {"m-eurosat": 10, "m-bigearthnet": 43, "m-so2sat": 17, "m
                         "m-pv4ger": 2, "m-forestnet": 12}
 _SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 _S2_PREFIX = re.compile(r"^\s*(?:B)?0?(\d{1,2})(A?)\b(?:\s*-.*)?$", re.IGNORECASE)
-_RGB = {"red": "B4", "green": "B3", "blue": "B2"}
 
 
 def geobench_band_name(name: str, info_class: str | None = None) -> str | None:
@@ -306,16 +267,16 @@ def geobench_band_name(name: str, info_class: str | None = None) -> str | None:
   """
   if info_class is not None and info_class not in ("Sentinel2", "SpectralBand", "BandInfo"):
     return None
-  if name.lower() in _RGB:
-    return _RGB[name.lower()]
-  if info_class != "Sentinel2" and name not in G.GEOBENCH_S2 and (
+  if name.lower() in B.COLOUR_BANDS:
+    return B.COLOUR_BANDS[name.lower()]
+  if info_class != "Sentinel2" and name not in B.GEOBENCH_S2 and (
       "VV" in name or "VH" in name or "HH" in name or "HV" in name):
     return None
   m = _S2_PREFIX.match(name)
   if not m:
     return None
   band = f"B{int(m.group(1))}{m.group(2).upper()}"
-  return band if band in S2_WAVELENGTH_NM else None
+  return band if band in B.S2_WAVELENGTH_NM else None
 
 
 def _load_json(path: str, what: str) -> Any:
@@ -412,7 +373,8 @@ class _GeoBenchSplit:
     # Bands of different resolutions are brought to the largest grid, as geobench does.
     h = max(a.shape[0] for a in raw.values())
     w = max(a.shape[1] for a in raw.values())
-    norm = {i: _finite((resize(a, (h, w)) - self.mu[i]) * self.inv[i]) for i, a in raw.items()}
+    norm = {i: _finite((R.resize(a, (h, w), "bilinear", antialias=True) - self.mu[i])
+                       * self.inv[i]) for i, a in raw.items()}
     x = np.zeros((h, w, len(self.mapping.indices)), np.float32)
     for k, i in enumerate(self.mapping.indices):
       if i is not None:
@@ -442,7 +404,7 @@ def _geobench_split(folder: str, split: str, bands: tuple[str, ...], partition: 
   if not os.path.exists(stats_path):
     raise EvalDataError(f"{stats_path}: missing (the task's per-band normalisation statistics)")
   band_stats = _load_json(stats_path, "band_stats")
-  fixes = GEOBENCH_BAND_FIXES.get(task, {}) if fix_band_names else {}
+  fixes = B.GEOBENCH_BAND_FIXES.get(task, {}) if fix_band_names else {}
 
   path, f = _open_sample(folder, names[0], split, partition)
   with f:
@@ -483,7 +445,7 @@ def _load_geobench(folder: str, split: str, bands: tuple[str, ...], partition: s
   for path, f, attrs in gs.samples():
     x = gs.image(path, f, attrs)
     label = G.sample_label(path, f, attrs)
-    images.append(resize(x, image_size) if image_size else x)
+    images.append(R.resize(x, image_size, "bilinear", antialias=True) if image_size else x)
     if isinstance(label, int) == info["multilabel"]:
       raise EvalDataError(f"{path}: label {label!r} does not match the task's "
                           f"{'multi-label' if info['multilabel'] else 'single-label'} type")
@@ -514,17 +476,7 @@ def _finish(images: list[np.ndarray], labels: list, info: dict, name: str,
 # ---------------------------------------------------------------------------------------------
 # TFDS.
 
-# EuroSAT's multispectral GeoTIFFs hold B1..B12 then B8A (EuroSAT issue #7; torchgeo PR #2480);
-# TFDS eurosat/all stores the file's channels unchanged.
-EUROSAT_TFDS_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12",
-                      "B8A")
-# So2Sat LCZ42 `sen2`: B2, B3, B4, B5, B6, B7, B8, B8A, B11, B12 (TFDS's rgb config takes
-# channels 2, 1, 0 as R, G, B). Values are reflectance (0..~3).
-SO2SAT_TFDS_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
-# TFDS bigearthnet/all: one feature per band at its native resolution (20, 60 or 120 px).
-BIGEARTHNET_TFDS_KEYS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09",
-                         "B11", "B12")
-RGB_TFDS_BANDS = ("B4", "B3", "B2")
+# The datasets' channel orders are in `mmearth_jax.bands` (EUROSAT_TFDS_BANDS, ...).
 TFDS_STATS_EXAMPLES = 2000
 
 
@@ -536,19 +488,15 @@ class _TfdsSpec:
   multilabel: bool
 
 
-def _ben_band(key: str) -> str:
-  return "B8A" if key == "B8A" else f"B{int(key[1:])}"
-
-
 TFDS_DATASETS: dict[str, _TfdsSpec] = {
-    "eurosat/all": _TfdsSpec(("sentinel2",), EUROSAT_TFDS_BANDS, "label", False),
-    "eurosat/rgb": _TfdsSpec(("image",), RGB_TFDS_BANDS, "label", False),
-    "so2sat/all": _TfdsSpec(("sentinel2",), SO2SAT_TFDS_BANDS, "label", False),
-    "so2sat/rgb": _TfdsSpec(("image",), RGB_TFDS_BANDS, "label", False),
-    "bigearthnet/all": _TfdsSpec(BIGEARTHNET_TFDS_KEYS,
-                                 tuple(_ben_band(k) for k in BIGEARTHNET_TFDS_KEYS), "labels",
+    "eurosat/all": _TfdsSpec(("sentinel2",), B.EUROSAT_TFDS_BANDS, "label", False),
+    "eurosat/rgb": _TfdsSpec(("image",), B.RGB_TFDS_BANDS, "label", False),
+    "so2sat/all": _TfdsSpec(("sentinel2",), B.SO2SAT_TFDS_BANDS, "label", False),
+    "so2sat/rgb": _TfdsSpec(("image",), B.RGB_TFDS_BANDS, "label", False),
+    # One feature per band at its native resolution (20, 60 or 120 px).
+    "bigearthnet/all": _TfdsSpec(B.BIGEARTHNET_TFDS_KEYS, B.BIGEARTHNET_TFDS_BANDS, "labels",
                                  True),
-    "bigearthnet/rgb": _TfdsSpec(("image",), RGB_TFDS_BANDS, "labels", True),
+    "bigearthnet/rgb": _TfdsSpec(("image",), B.RGB_TFDS_BANDS, "labels", True),
 }
 _TFDS_DEFAULT_CONFIG = {"eurosat": "all", "so2sat": "all", "bigearthnet": "all"}
 _TFDS_STATS_CACHE: dict[tuple[str, str | None], tuple[np.ndarray, np.ndarray]] = {}
@@ -603,7 +551,7 @@ def _tfds_image(ex: dict, spec: _TfdsSpec) -> np.ndarray:
   arrs = [np.asarray(ex[k], np.float32) for k in spec.keys]
   h = max(a.shape[0] for a in arrs)
   w = max(a.shape[1] for a in arrs)
-  return np.stack([resize(a, (h, w)) for a in arrs], axis=-1)
+  return np.stack([R.resize(a, (h, w), "bilinear", antialias=True) for a in arrs], axis=-1)
 
 
 def _tfds_label(ex: dict, spec: _TfdsSpec, num_classes: int):
@@ -669,7 +617,7 @@ def _load_tfds(name: str, split: str, bands: tuple[str, ...], data_dir: str | No
     z = np.zeros(x.shape[:2] + (len(spec.bands),), np.float32)
     z[..., used] = _finite((x[..., used] - mu[used]) * inv[used])
     z = mapping.apply(z)
-    images.append(resize(z, image_size) if image_size else z)
+    images.append(R.resize(z, image_size, "bilinear", antialias=True) if image_size else z)
     labels.append(_tfds_label(ex, spec, num_classes))
   info = {"num_classes": num_classes, "class_names": class_names, "multilabel": spec.multilabel}
   return _finish(images, labels, info, f"{canon}/{split}", mapping)
@@ -753,7 +701,7 @@ def _mmearth_split_tiles(folder: str, split: str, bands: tuple[str, ...],
       y = lut[arrays[label_name][..., 0]]
       if image_size:
         x, y = _center_crop(x, image_size), _center_crop(y, image_size)
-      z, _ = transform._zscore(s2, x, transform.input_idx, meta["S2_type"])
+      z, _ = transform.zscore(s2, x, transform.input_idx, meta["S2_type"])
       yield _finite(z.astype(np.float32, copy=False)), y
 
   classes = (M.ESA_WORLDCOVER_CLASSES if label_name == "esa_worldcover"
@@ -847,14 +795,6 @@ def _segmentation_mmearth(folder: str, split: str, bands: tuple[str, ...],
                           f"mmearth:{ms.stem}/{split}", ms.mapping)
 
 
-def resize_nearest(y: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-  """(H, W) label map -> `size` by nearest neighbour (pixel centres; labels are not blended)."""
-  h, w = (size, size) if isinstance(size, int) else size
-  rows = np.minimum(((np.arange(h) + 0.5) * y.shape[0] / h).astype(int), y.shape[0] - 1)
-  cols = np.minimum(((np.arange(w) + 0.5) * y.shape[1] / w).astype(int), y.shape[1] - 1)
-  return y[rows][:, cols]
-
-
 def _segmentation_geobench(folder: str, split: str, bands: tuple[str, ...], partition: str,
                            max_examples: int | None, image_size: int | None, fill: str,
                            fix_band_names: bool) -> SegmentationData:
@@ -872,9 +812,10 @@ def _segmentation_geobench(folder: str, split: str, bands: tuple[str, ...], part
     x = gs.image(path, f, attrs)
     y = G.sample_pixel_label(path, f, attrs)
     if y.shape != x.shape[:2]:  # a label on another grid than the bands: to the bands' grid
-      y = resize_nearest(y, x.shape[:2])
+      y = R.resize(y, x.shape[:2], "nearest-exact")
     if image_size:
-      x, y = resize(x, image_size), resize_nearest(y, image_size)
+      x = R.resize(x, image_size, "bilinear", antialias=True)
+      y = R.resize(y, image_size, "nearest-exact")
     images.append(x)
     masks.append(y)
   if num_classes is None:  # neither task specs nor a class count on the label band
@@ -893,8 +834,6 @@ def _segmentation_geobench(folder: str, split: str, bands: tuple[str, ...], part
                           f"{gs.task}/{split}", gs.mapping)
 
 
-__all__ = ["EvalData", "EvalDataError", "BandMapping", "band_mapping", "load", "resize",
-           "resize_matrix", "geobench_band_name", "mmearth_split", "write_geobench_sample",
-           "clear_cache", "GEOBENCH_BAND_FIXES", "GEOBENCH_STATS_SCALE", "TFDS_DATASETS",
-           "EUROSAT_TFDS_BANDS", "SO2SAT_TFDS_BANDS", "S2_WAVELENGTH_NM", "SegmentationData",
-           "load_segmentation", "resize_nearest", "write_geobench_segmentation_sample"]
+__all__ = ["EvalData", "EvalDataError", "BandMapping", "band_mapping", "load",
+           "geobench_band_name", "mmearth_split", "clear_cache", "GEOBENCH_STATS_SCALE",
+           "TFDS_DATASETS", "SegmentationData", "load_segmentation"]

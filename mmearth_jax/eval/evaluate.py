@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from mmearth_jax import pretrained
+from mmearth_jax import config_lib, methods, pretrained
 from mmearth_jax.eval import datasets, features, knn, probe
 from mmearth_jax.ops import resize as resize_ops
 
@@ -26,22 +26,9 @@ EVALUATORS = ("knn", "linear", "lsq")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `eval` section of a training config: periodic evaluation of the encoder."""
-  c = ml_collections.ConfigDict()
-  c.every_steps = 0  # 0: no evaluation during training
-  c.dataset = ""  # geobench:<task dir> | tfds:<name> | mmearth:<shards> (see eval.datasets)
-  c.data_dir = ""  # TFDS data_dir
-  c.train_split = "train"
-  c.test_split = "test"
-  c.partition = "default"  # GEO-Bench partition (label fraction), e.g. 0.01x_train
-  c.max_examples = 0  # > 0: at most this many examples per split
-  c.image_size = 0  # > 0: resize/crop the images to this size
-  c.evaluators = "knn,lsq"  # any of knn, linear, lsq
-  c.knn_k = (10, 20, 100, 200)
-  c.batch_size = 128
-  c.scales = (1.0,)  # fractions of the native resolution to evaluate at (Scale-MAE: 4 of them)
-  c.gsd = 0.0  # > 0: the GSD scale a Scale-MAE encoder is told at native resolution
-  return c
+  """The `eval` section of a training config: periodic evaluation of the encoder; its
+  defaults live in `config_lib.eval_config`."""
+  return config_lib.eval_config()
 
 
 def parse_evaluators(spec: str | Sequence[str]) -> tuple[str, ...]:
@@ -104,7 +91,7 @@ def split_features(fn, params: Any, train: datasets.EvalData, test: datasets.Eva
 def _patch(spec: Mapping[str, Any]) -> int:
   """The size unit an encoder input must be a multiple of (ViT: its patch; ConvNeXt: 32)."""
   enc = pretrained.encoder_spec(spec)
-  return int(enc["patch_size"]) if enc["arch"] == "vit" else 32
+  return methods.arch(enc).size_unit(enc)
 
 
 def scaled_size(size: int, fraction: float, unit: int) -> int:

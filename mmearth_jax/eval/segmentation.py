@@ -4,6 +4,11 @@ MMEarth's segmentation protocol: a U-Net decoder on the encoder's four stages
 (`models.unet.UNetSegmenter`), the encoder frozen for the first part of training (50 of 200
 epochs in the paper: `freeze_fraction` = 0.25) and then fine-tuned with the decoder.
 
+The recipe is a config, `configs/segment.py` (`mmearth-jax segment [--config
+segment:<variant>] --config.key=value ...`; in Python `config_lib.load("segment:<variant>")`):
+an `ml_collections.ConfigDict` whose fields every function here reads (`check_config` lists the
+constraints; `encoder_from_config` and `load_splits` read its encoder and data fields).
+
   data       `datasets.load_segmentation`: images (N, H, W, C) normalised in the encoder's band
              order, class maps (N, H, W) with -1 = no label (ignored by loss and metrics);
              mmearth:<shards> (land-cover maps) or geobench:<task folder>.
@@ -35,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -43,49 +49,48 @@ from mmearth_jax.eval.datasets import SegmentationData, load_segmentation  # noq
 from mmearth_jax.models import unet
 
 
-@dataclasses.dataclass
-class FinetuneConfig:
-  """Segmentation fine-tuning settings (the CLI's `segment` flags).
+# ----------------------------------------------------------------------------------------------
+# The recipe: the fields of configs/segment.py.
 
-  The budget is MMEarth's: `epochs` passes over the labelled tiles, so a smaller label fraction
-  trains for fewer steps (the paper: 200 epochs, the encoder frozen for the first 50). `steps`
-  > 0 fixes the number of steps instead; `max_steps` > 0 caps an epoch budget (bounded runs on
-  a CPU; a capped run trains for fewer epochs than asked, and says so in its result).
-  """
-  epochs: float = 200.0
-  steps: int = 0  # > 0: this many optimizer steps, whatever the number of tiles
-  max_steps: int = 0  # > 0: at most this many steps
-  batch_size: int = 8
-  lr: float = 3e-3  # peak lr of the decoder (1e-2 diverged for atto from random init)
-  encoder_lr_scale: float = 1.0  # encoder peak lr = lr x this, once unfrozen
-  weight_decay: float = 0.05
-  warmup_steps: int = 5  # for the decoder from step 0, for the encoder from unfreezing
-  freeze_fraction: float = 0.25  # encoder frozen for this fraction of the steps (paper: 50/200)
-  flips: bool = True  # random horizontal and vertical flips
-  decoder_dims: tuple[int, ...] = ()  # U-Net widths, deepest first; () = encoder widths
-  eval_batch_size: int = 32
-  seed: int = 0  # decoder init, batch order, flips
 
-  def check(self) -> None:
-    if self.steps < 0 or self.max_steps < 0 or (self.steps == 0 and self.epochs <= 0):
-      raise ValueError(f"fine-tuning needs epochs > 0 or steps > 0 (max_steps >= 0), got "
-                       f"epochs={self.epochs}, steps={self.steps}, max_steps={self.max_steps}")
-    if self.batch_size < 1 or self.eval_batch_size < 1:
-      raise ValueError(f"batch_size and eval_batch_size must be positive, got "
-                       f"{self.batch_size}, {self.eval_batch_size}")
-    if not 0.0 <= self.freeze_fraction <= 1.0:
-      raise ValueError(f"freeze_fraction must be in [0, 1], got {self.freeze_fraction}")
-    if self.lr <= 0 or self.encoder_lr_scale < 0 or self.weight_decay < 0:
-      raise ValueError(f"lr must be positive, encoder_lr_scale and weight_decay >= 0, got "
-                       f"{self.lr}, {self.encoder_lr_scale}, {self.weight_decay}")
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the config key of the first fine-tuning field out of range."""
+  def bad(key: str, want: str) -> ValueError:
+    return ValueError(f"config {key} = {cfg[key]!r} must be {want}")
+  if not 0.0 < cfg.label_fraction <= 1.0:
+    raise bad("label_fraction", "in (0, 1] (0.01 = 1 % of the training tiles)")
+  if cfg.steps < 0 or cfg.max_steps < 0:
+    raise bad("steps" if cfg.steps < 0 else "max_steps", ">= 0")
+  if cfg.steps == 0 and cfg.epochs <= 0:
+    raise bad("epochs", "> 0 (or steps > 0)")
+  for key in ("batch_size", "eval_batch_size"):
+    if cfg[key] < 1:
+      raise bad(key, ">= 1")
+  if not 0.0 <= cfg.freeze_fraction <= 1.0:
+    raise bad("freeze_fraction", "in [0, 1]")
+  if cfg.lr <= 0:
+    raise bad("lr", "> 0")
+  for key in ("encoder_lr_scale", "weight_decay", "warmup_steps"):
+    if cfg[key] < 0:
+      raise bad(key, ">= 0")
+  if cfg.stem not in ("mmearth", "official"):
+    raise bad("stem", "'mmearth' or 'official'")
 
-  def num_steps(self, num_tiles: int) -> int:
-    """Optimizer steps for `num_tiles` labelled tiles."""
-    n = self.steps or max(1, math.ceil(self.epochs * num_tiles / self.batch_size))
-    return min(n, self.max_steps) if self.max_steps else n
 
-  def freeze_steps(self, num_tiles: int) -> int:
-    return int(round(self.freeze_fraction * self.num_steps(num_tiles)))
+def num_steps(cfg: ml_collections.ConfigDict, num_tiles: int) -> int:
+  """Optimizer steps for `num_tiles` labelled tiles: `steps`, or `epochs` over the tiles capped
+  at `max_steps` (MMEarth's budget: a smaller label fraction trains for fewer steps)."""
+  n = cfg.steps or max(1, math.ceil(cfg.epochs * num_tiles / cfg.batch_size))
+  return min(n, cfg.max_steps) if cfg.max_steps else n
+
+
+def freeze_steps(cfg: ml_collections.ConfigDict, num_tiles: int) -> int:
+  """The first steps, `freeze_fraction` of them, during which the encoder is frozen."""
+  return int(round(cfg.freeze_fraction * num_steps(cfg, num_tiles)))
+
+
+def _ints(values: Sequence[Any]) -> tuple[int, ...]:
+  return tuple(int(v) for v in values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,10 +155,10 @@ def segmentation_metrics(confusion: np.ndarray,
 
 
 def build_segmenter(encoder_spec: Mapping[str, Any], num_classes: int,
-                    cfg: FinetuneConfig | None = None) -> unet.UNetSegmenter:
-  """The U-Net segmenter for an encoder spec (`pretrained.encoder_spec(...)`)."""
-  cfg = cfg or FinetuneConfig()
-  return unet.from_encoder_spec(encoder_spec, num_classes, decoder_dims=cfg.decoder_dims)
+                    decoder_dims: Sequence[int] = ()) -> unet.UNetSegmenter:
+  """The U-Net segmenter for an encoder spec (`pretrained.encoder_spec(...)`); decoder widths
+  deepest first, () = the encoder's."""
+  return unet.from_encoder_spec(encoder_spec, num_classes, decoder_dims=_ints(decoder_dims))
 
 
 @functools.lru_cache(maxsize=8)
@@ -242,12 +247,12 @@ def _programs(model: unet.UNetSegmenter, weight_decay: float, flips: bool) -> _P
   return _Programs(tx, frozen_step, full_step)
 
 
-def schedules(cfg: FinetuneConfig, num_tiles: int) -> tuple[np.ndarray, np.ndarray]:
+def schedules(cfg: ml_collections.ConfigDict, num_tiles: int) -> tuple[np.ndarray, np.ndarray]:
   """Per-step learning rates of the decoder and of the encoder (0 while it is frozen): linear
   warmup then cosine decay, the encoder's restarting at the unfreezing step. Step t uses the
   schedule's value at t + 1 of steps + 1, so no step is wasted at lr 0 (the first warmup step
   is peak / warmup, the last step a small positive lr)."""
-  steps, freeze = cfg.num_steps(num_tiles), cfg.freeze_steps(num_tiles)
+  steps, freeze = num_steps(cfg, num_tiles), freeze_steps(cfg, num_tiles)
 
   def curve(peak: float, n: int) -> np.ndarray:
     fn = optim.warmup_cosine(peak, min(cfg.warmup_steps, n), n + 1)
@@ -290,16 +295,16 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
 
 
 def finetune(model: unet.UNetSegmenter, params: dict, train: SegmentationData,
-             cfg: FinetuneConfig, *, log: Callable[[str], None] | None = None,
+             cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] | None = None,
              on_step: Callable[[int, dict], None] | None = None) -> tuple[dict, list[dict]]:
   """Fine-tunes `params` on `train`; returns (params, [{"step", "loss", "frozen"}, ...]).
 
   `on_step(step, params)` is called after every step (tests watch the encoder with it); the
   arrays it gets are donated to the next step, so copy what you keep (`np.asarray`)."""
-  cfg.check()
+  check_config(cfg)
   log = log or (lambda m: None)
   n = len(train.images)
-  steps, freeze = cfg.num_steps(n), cfg.freeze_steps(n)
+  steps, freeze = num_steps(cfg, n), freeze_steps(cfg, n)
   dec_lr, enc_lr = schedules(cfg, n)
   prog = _programs(model, float(cfg.weight_decay), bool(cfg.flips))
   # Fresh device copies: the steps donate their inputs, the caller's arrays must survive.
@@ -340,7 +345,7 @@ def finetune(model: unet.UNetSegmenter, params: dict, train: SegmentationData,
   bad = next((h["step"] for h in history if not np.isfinite(h["loss"])), None)
   if bad is not None:
     raise FloatingPointError(f"segmentation fine-tuning diverged: non-finite loss from step {bad} "
-                             f"of {steps} (lr {cfg.lr}); lower the learning rate (--lr)")
+                             f"of {steps} (lr {cfg.lr}); lower the learning rate (config lr)")
   return {"encoder": enc, **dec}, history
 
 
@@ -397,38 +402,62 @@ def resolve_encoder(checkpoint: str | None, *, variant: str = "atto",
     if bands:
       enc["bands"] = list(bands)
     if not enc.get("bands"):
-      raise ValueError(f"{checkpoint}: the encoder does not name its input bands; pass them "
-                       "(--bands B2,B3,...)")
+      raise ValueError(f"{checkpoint}: the encoder does not name its input bands; give them "
+                       "(config bands, e.g. \"B2,B3,...\")")
     return enc, pretrained.encoder_params(model.spec, model.params), model.source
-  from mmearth_jax.data import modalities as M
+  from mmearth_jax import modalities as M
   enc = unet.encoder_spec_for(variant, depths=depths, dims=dims, stem=stem,
                               patch_size=patch_size, bands=tuple(bands) or M.S2_INPUT_BANDS)
   return enc, None, f"random init ({variant}, dims {enc['dims']}, stem {stem})"
 
 
+def encoder_from_config(cfg: ml_collections.ConfigDict) -> tuple[dict, Any, str]:
+  """`resolve_encoder` of the config's `checkpoint` (or random init of `variant`, `depths`,
+  `dims`, `stem`, `patch_size`) and `bands`."""
+  bands = [b.strip() for b in cfg.bands.split(",") if b.strip()]
+  return resolve_encoder(cfg.checkpoint, variant=cfg.variant, depths=_ints(cfg.depths),
+                         dims=_ints(cfg.dims), stem=cfg.stem, patch_size=cfg.patch_size,
+                         bands=bands)
+
+
+def load_splits(cfg: ml_collections.ConfigDict, bands: Sequence[str]
+                ) -> tuple[SegmentationData, SegmentationData]:
+  """The config's `train_split` and `test_split` of `dataset`, in the encoder's band order."""
+  if not cfg.dataset:
+    raise ValueError("config dataset is empty; set it, e.g. --config.dataset=mmearth:<shards "
+                     "folder> or --config.dataset=geobench:<task folder>")
+  kw = dict(data_dir=cfg.data_dir or None, partition=cfg.partition,
+            max_examples=cfg.max_examples or None, image_size=cfg.image_size or None)
+  return (load_segmentation(cfg.dataset, cfg.train_split, bands, **kw),
+          load_segmentation(cfg.dataset, cfg.test_split, bands, **kw))
+
+
 def run(encoder_spec: Mapping[str, Any], encoder_params: Any, train: SegmentationData,
-        test: SegmentationData, cfg: FinetuneConfig, *, label_fraction: float = 1.0,
-        subset_seed: int = 0, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-  """Fine-tunes a U-Net on `label_fraction` of `train` (None `encoder_params`: random init) and
-  scores it on `test`: the metrics of `evaluate` plus the run's facts."""
+        test: SegmentationData, cfg: ml_collections.ConfigDict, *,
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Fine-tunes a U-Net on the config's `label_fraction` of `train` (the subset drawn from
+  `seed`; None `encoder_params`: random init) and scores it on `test`: the metrics of
+  `evaluate` plus the run's facts."""
+  check_config(cfg)
   enc = pretrained.encoder_spec(encoder_spec)
   pretrained.check_images(enc, train.images, train.name)
   if train.num_classes != test.num_classes:
     raise ValueError(f"{train.name} has {train.num_classes} classes, {test.name} "
                      f"{test.num_classes}")
-  idx = label_subset(len(train.images), label_fraction, subset_seed)
+  idx = label_subset(len(train.images), cfg.label_fraction, cfg.seed)
   part = subset(train, idx)
-  model = build_segmenter(enc, train.num_classes, cfg)
+  model = build_segmenter(enc, train.num_classes, cfg.decoder_dims)
   params = init_params(model, train.images.shape[1:], cfg.seed, encoder_params)
   t0 = time.perf_counter()
   params, history = finetune(model, params, part, cfg, log=log)
   seconds = time.perf_counter() - t0
   out = evaluate(model, params, test, cfg.eval_batch_size)
   tail = history[-max(len(history) // 10, 1):]
-  out.update({"label_fraction": float(label_fraction), "train_tiles": int(len(idx)),
-              "test_tiles": int(len(test.images)), "steps": cfg.num_steps(len(idx)),
-              "epochs": round(cfg.num_steps(len(idx)) * cfg.batch_size / len(idx), 2),
-              "freeze_steps": cfg.freeze_steps(len(idx)), "final_loss": float(np.mean(
+  steps = num_steps(cfg, len(idx))
+  out.update({"label_fraction": float(cfg.label_fraction), "train_tiles": int(len(idx)),
+              "test_tiles": int(len(test.images)), "steps": steps,
+              "epochs": round(steps * cfg.batch_size / len(idx), 2),
+              "freeze_steps": freeze_steps(cfg, len(idx)), "final_loss": float(np.mean(
                   [h["loss"] for h in tail])), "finetune_seconds": round(seconds, 2),
               "pretrained": encoder_params is not None})
   return out
@@ -444,7 +473,8 @@ def format_metrics(result: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["FinetuneConfig", "SegmentationData", "load_segmentation", "label_subset", "subset",
-           "confusion_matrix", "segmentation_metrics", "build_segmenter", "init_params",
-           "finetune", "predict", "evaluate", "run", "format_metrics", "pixel_cross_entropy",
-           "schedules", "resolve_encoder"]
+__all__ = ["SegmentationData", "load_segmentation", "check_config", "num_steps", "freeze_steps",
+           "label_subset", "subset", "confusion_matrix", "segmentation_metrics",
+           "build_segmenter", "init_params", "finetune", "predict", "evaluate", "run",
+           "format_metrics", "pixel_cross_entropy", "schedules", "resolve_encoder",
+           "encoder_from_config", "load_splits"]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.interop.torch_convnextv2 import head_width
 from mmearth_jax.interop.trees import flatten as _flatten, unflatten as _unflatten
 from mmearth_jax.interop.trees import to_numpy as _to_numpy, to_torch as _to_torch
@@ -218,7 +218,8 @@ def _resolve(tmpl: tuple, sizes: Mapping[str, int]) -> tuple | None:
   return tuple(out)
 
 
-def _fail(what: str, problems: Sequence[str]):
+def raise_problems(what: str, problems: Sequence[str]) -> None:
+  """Raises one ValueError listing every problem, if there are any."""
   if problems:
     lines = "\n  ".join(problems)
     raise ValueError(f"{what}: {len(problems)} problem(s):\n  {lines}")
@@ -265,7 +266,7 @@ def _flax_to_torch(flat: Mapping[tuple, Any], spec: Sequence[_Entry], what: str
         reported.add(fp)  # an aliased leaf (the shared decoder) is named once
         problems.append(f"mis-shaped: {_path(fp)} (-> {tk}) gives torch shape "
                         f"{tuple(converted[tk].shape)}, expected {want}")
-  _fail(what, problems)
+  raise_problems(what, problems)
   return {tk: _to_torch(a) for tk, a in converted.items()}
 
 
@@ -292,11 +293,12 @@ def _torch_to_flax(state_dict: Mapping[str, Any], spec: Sequence[_Entry], what: 
       problems.append(f"differs: {tk} != {ok[fp][0]} (both are {_path(fp)})")
       continue
     ok.setdefault(fp, (tk, b))
-  _fail(what, problems)
+  raise_problems(what, problems)
   return _unflatten({fp: jnp.asarray(b) for fp, (_, b) in ok.items()})
 
 
-def _depths_from_flax(flat: Mapping[tuple, Any], prefix: tuple = ()) -> list[int]:
+def depths_from_flax(flat: Mapping[tuple, Any], prefix: tuple = ()) -> list[int]:
+  """The 4 stage depths of the ConvNeXt V2 in flat Flax params (under `prefix`)."""
   depths = [0] * 4
   pat = re.compile(r"stage_(\d)_block_(\d+)$")
   for p in flat:
@@ -346,7 +348,7 @@ def flax_to_torch(params: Mapping, layout: str, *, conv_mlp: bool | None = None
     if conv_mlp is None:
       stem = flat.get(("stem_conv", "kernel"))
       conv_mlp = timm_conv_mlp_default([np.shape(stem)[-1]]) if stem is not None else False
-  spec = _encoder_spec(layout, _depths_from_flax(flat), ("head", "kernel") in flat,
+  spec = _encoder_spec(layout, depths_from_flax(flat), ("head", "kernel") in flat,
                        conv_mlp=bool(conv_mlp))
   return _flax_to_torch(flat, spec, f"flax_to_torch(layout={layout!r})")
 
@@ -377,7 +379,7 @@ def _stem_layout(has_initial_conv: bool) -> str:
   return "mmearth" if has_initial_conv else "official"
 
 
-def _patch_size_from(outputs: Mapping[str, Sequence[str]], widths: Mapping[str, int]) -> int:
+def patch_size_from(outputs: Mapping[str, Sequence[str]], widths: Mapping[str, int]) -> int:
   """The patch size implied by the first pixel head's width (p*p*C)."""
   for name, bands in outputs.items():
     if M.get(name).level == M.PIXEL and name in widths:
@@ -397,8 +399,8 @@ def mp_mae_flax_to_torch(params: Mapping, outputs: Mapping[str, Sequence[str]]
   layout = _stem_layout(("encoder", "initial_conv", "kernel") in flat)
   widths = {n: np.shape(flat[(f"head_{n}", "kernel")])[-1] for n in outputs
             if (f"head_{n}", "kernel") in flat}
-  spec = _mp_mae_spec(layout, _depths_from_flax(flat, ("encoder",)), outputs,
-                      _patch_size_from(outputs, widths))
+  spec = _mp_mae_spec(layout, depths_from_flax(flat, ("encoder",)), outputs,
+                      patch_size_from(outputs, widths))
   return _flax_to_torch(flat, spec, "mp_mae_flax_to_torch")
 
 
@@ -411,7 +413,7 @@ def mp_mae_torch_to_flax(state_dict: Mapping[str, Any], outputs: Mapping[str, Se
   widths = {n: int(np.shape(sd[f"pred_dict.{n}.weight"])[0]) for n in outputs
             if f"pred_dict.{n}.weight" in sd}
   spec = _mp_mae_spec(layout, _depths_from_torch(list(sd), "encoder."), outputs,
-                      _patch_size_from(outputs, widths))
+                      patch_size_from(outputs, widths))
   return _torch_to_flax(sd, spec, "mp_mae_torch_to_flax")
 
 

@@ -53,7 +53,7 @@ import jax
 import numpy as np
 import torch
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.interop import convert_convnextv2 as cv
 from mmearth_jax.interop import torch_scale_mae as tsm
 from mmearth_jax.interop import torch_vit as tv
@@ -61,10 +61,6 @@ from mmearth_jax.interop.torch_convnextv2 import head_width
 from mmearth_jax.interop.trees import flatten, to_numpy
 
 ARCHS = ("convnextv2", "mp_mae", "vit", "mae", "scale_mae")
-EXPORT_LAYOUTS = {"convnextv2": ("mmearth", "official", "timm"),
-                  "mp_mae": ("mmearth", "official", "timm"),
-                  "vit": ("timm", "mae", "scale_mae"), "mae": ("timm", "mae"),
-                  "scale_mae": ("scale_mae", "timm")}
 # Attention heads of the standard ViT widths (Ti, S, B, L, H); the weights do not tell.
 VIT_NUM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 MAE_DECODER_HEADS = 16  # every public MAE decoder, and Scale-MAE's (width 512)
@@ -193,7 +189,7 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
 
 
 def _convnext_spec(flat: Mapping[tuple, Any], patch_size: int | None, bands) -> dict:
-  depths = cv._depths_from_flax(flat)
+  depths = cv.depths_from_flax(flat)
   dims = [int(np.shape(flat[(f"stage_{i}_block_0", "dwconv", "kernel")])[-1]) for i in range(4)]
   mmearth = ("initial_conv", "kernel") in flat
   first = flat[("initial_conv", "kernel")] if mmearth else flat[("stem_conv", "kernel")]
@@ -283,7 +279,7 @@ def spec_from_params(arch: str, params: Mapping, *, patch_size: int | None = Non
       widths = {n: int(np.shape(flat[(f"head_{n}", "kernel")])[-1]) for n in outputs
                 if (f"head_{n}", "kernel") in flat and M.get(n).level == M.PIXEL}
       if widths:  # only pixel heads carry the patch size (p*p*C)
-        patch_size = cv._patch_size_from(outputs, widths)
+        patch_size = cv.patch_size_from(outputs, widths)
     spec = _convnext_spec(flatten(params["encoder"]), patch_size, bands)
     spec.update(arch="mp_mae", num_classes=0,
                 decoder_dim=int(np.shape(params["proj"]["kernel"])[-1]),
@@ -388,8 +384,8 @@ def _infer_outputs(rest: Mapping[str, Any], in_chans: int, stem_patch: int | Non
                       f"size {patch} needs {head_width(n, bands, patch or 1)}")
       continue
     outputs[n] = bands
-  cv._fail("the MP-MAE heads do not match the MMEarth modalities "
-           "(output_preset('all')); import the encoder alone with model 'convnextv2'", problems)
+  cv.raise_problems("the MP-MAE heads do not match the MMEarth modalities (output_preset('all')); "
+                    "import the encoder alone with model 'convnextv2'", problems)
   return outputs, patch
 
 
@@ -734,36 +730,11 @@ def export_state_dict(spec: Mapping[str, Any], params: Mapping, layout: str, *,
   strict=True; `mask_token_decoder` written as zeros), "timm" (its encoder); "scale_mae" of a ViT
   writes the encoder. The sin-cos position tables are written for spec["img_size"].
   """
-  arch = spec.get("arch")
-  if arch not in EXPORT_LAYOUTS:
-    raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
-  if layout not in EXPORT_LAYOUTS[arch]:
-    raise ValueError(f"layout {layout!r} does not fit a {arch} model; choose from "
-                     f"{', '.join(EXPORT_LAYOUTS[arch])}")
+  from mmearth_jax import methods  # here: most imports of this module only read torch files
+  arch = methods.arch(spec)
+  if layout not in arch.export_layouts:
+    raise ValueError(f"layout {layout!r} does not fit a {arch.name} model; choose from "
+                     f"{', '.join(arch.export_layouts) or 'none (export its encoder)'}")
   if set(params) == {"params"}:
     params = params["params"]
-  if arch in ("convnextv2", "mp_mae"):
-    if arch == "mp_mae" and layout == "mmearth":
-      return cv.mp_mae_flax_to_torch(params, {k: tuple(v) for k, v in spec["outputs"].items()})
-    enc = params["encoder"] if arch == "mp_mae" else params
-    mmearth_stem = "initial_conv" in enc
-    if layout == "mmearth" and not mmearth_stem:
-      raise ValueError("layout 'mmearth' writes MMEarth's stem (initial_conv + depthwise stem); "
-                       "this model has the official 4x4 stem: use layout 'official' or 'timm'")
-    if layout in ("official", "timm") and mmearth_stem:
-      raise ValueError(f"layout {layout!r} has only the official 4x4 stem, but this model uses "
-                       "MMEarth's stem (initial_conv + depthwise stem conv): use layout "
-                       "'mmearth'")
-    return cv.flax_to_torch(enc, layout, conv_mlp=conv_mlp)
-  img = spec.get("img_size", DEFAULT_VIT_IMG)
-  img = tuple(int(v) for v in img) if not isinstance(img, int) else img
-  if arch == "mae" and layout == "mae":
-    return tv.flax_to_torch_vit(params, img_size=img)
-  if arch == "scale_mae" and layout == "scale_mae":
-    if spec.get("pos_layout", "concat") != "concat":
-      raise ValueError(f"this Scale-MAE uses pos_layout {spec.get('pos_layout')!r} (the paper's "
-                       "interleaved sin-cos channels); the released code, which this layout "
-                       "feeds, uses 'concat', so its weights would not fit")
-    return tsm.flax_to_torch_scale_mae(params, img_size=img)
-  enc = params["encoder"] if arch in ("mae", "scale_mae") else params
-  return tv.flax_to_torch_vit(enc, img_size=img)
+  return arch.export(spec, params, layout, conv_mlp=conv_mlp)

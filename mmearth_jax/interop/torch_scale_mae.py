@@ -202,7 +202,7 @@ class ScaleMAETorch(nn.Module):
     pos = sincos_2d_resolution_torch(self.cls_token.shape[-1], gh, gw, self._res(input_res, n))
     x = self.patch_embed(imgs) + pos[:, 1:]
     if ids_keep is not None:
-      x = tv._gather_rows(x, ids_keep)
+      x = tv.gather_rows(x, ids_keep)
     x = torch.cat([self.cls_token + pos[:, :1], x], dim=1)
     for blk in self.blocks:
       x = blk(x)
@@ -216,7 +216,7 @@ class ScaleMAETorch(nn.Module):
     n, length = ids_restore.shape
     mask_tokens = self.mask_token.repeat(n, length + 1 - x.shape[1], 1)
     shuffled = torch.cat([x[:, 1:], mask_tokens], dim=1)  # kept first, then mask tokens
-    x = torch.cat([x[:, :1], tv._gather_rows(shuffled, ids_restore)], dim=1)
+    x = torch.cat([x[:, :1], tv.gather_rows(shuffled, ids_restore)], dim=1)
     x = x + sincos_2d_resolution_torch(self.decoder_embed_dim, *grid, self._res(input_res, n))
     x = x[:, 1:]  # the release drops CLS before the decoder blocks
     for blk in self.decoder_blocks:
@@ -366,7 +366,7 @@ def flax_to_torch_scale_mae(params: Mapping, *, img_size: int | tuple[int, int] 
   sd["mask_token_decoder"] = np.zeros((1, 1, dd), sd["mask_token"].dtype)
 
   want = expected_keys(**structure(sd))
-  tv._check_keys(sd, want, "flax_to_torch_scale_mae")
+  tv.check_keys(sd, want, "flax_to_torch_scale_mae")
   return {k: _to_torch(sd[k]) for k in want}
 
 
@@ -388,8 +388,8 @@ def torch_to_flax_scale_mae(state_dict: Mapping[str, Any], *, notes: list[str] |
   for k in extra:
     del sd[k]
   want = expected_keys(**structure(sd))
-  tv._check_keys([k for k in sd] + [k for k in FILLED if k not in sd], want,
-                 "torch_to_flax_scale_mae")
+  tv.check_keys([k for k in sd] + [k for k in FILLED if k not in sd], want,
+                "torch_to_flax_scale_mae")
   if notes is not None:
     why = {"pos_embed": "pos_embed (a fixed sin-cos table; Scale-MAE recomputes a GSD-scaled one "
                         "every forward)",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -120,7 +120,8 @@ class PatchEmbed(nn.Module):
     return self.proj(x).flatten(2).transpose(1, 2)  # (N, L, D), row-major patches
 
 
-def _gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+  """x (N, L, D) -> the rows `ids` (N, K) of each sample, (N, K, D)."""
   return torch.gather(x, 1, ids.long().unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
@@ -149,7 +150,7 @@ class TorchViT(nn.Module):
     """imgs (N, C, H, W) -> tokens (N, 1 + K, D); only the `ids_keep` patches when given."""
     x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
     if ids_keep is not None:
-      x = _gather_rows(x, ids_keep)
+      x = gather_rows(x, ids_keep)
     cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1)
     for blk in self.blocks:
@@ -191,7 +192,7 @@ class TorchMAE(TorchViT):
     n, length = ids_restore.shape
     mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
     shuffled = torch.cat([x[:, 1:], mask_tokens], dim=1)  # kept first, then mask tokens
-    x = torch.cat([x[:, :1], _gather_rows(shuffled, ids_restore)], dim=1)
+    x = torch.cat([x[:, :1], gather_rows(shuffled, ids_restore)], dim=1)
     x = x + self.decoder_pos_embed
     for blk in self.decoder_blocks:
       x = blk(x)
@@ -266,7 +267,8 @@ def _depth(keys, pattern: str) -> int:
   return max(found) + 1 if found else 0
 
 
-def _check_keys(have, want, what: str):
+def check_keys(have: Iterable[str], want: Iterable[str], what: str) -> None:
+  """Raises one ValueError listing the missing and unexpected state-dict keys, if any."""
   have, want = set(have), set(want)
   problems = [f"missing: {k}" for k in sorted(want - have)]
   problems += [f"unexpected: {k}" for k in sorted(have - want)]
@@ -313,7 +315,7 @@ def flax_to_torch_vit(params: Mapping, *, img_size: int | tuple[int, int] = 224
   keys = list(sd)
   want = _expected_keys(_depth(keys, r"blocks\.(\d+)\."),
                         _depth(keys, r"decoder_blocks\.(\d+)\.") if is_mae else None)
-  _check_keys(keys, want, "flax_to_torch_vit")
+  check_keys(keys, want, "flax_to_torch_vit")
   return {k: _to_torch(sd[k]) for k in want}  # in the layout's order
 
 
@@ -334,7 +336,7 @@ def torch_to_flax_vit(state_dict: Mapping[str, Any], *, check_pos_embed: bool = 
   is_mae = "decoder_embed.weight" in sd
   want = _expected_keys(_depth(keys, r"blocks\.(\d+)\."),
                         _depth(keys, r"decoder_blocks\.(\d+)\.") if is_mae else None)
-  _check_keys(keys, want, "torch_to_flax_vit")
+  check_keys(keys, want, "torch_to_flax_vit")
 
   if check_pos_embed:
     for name in _POS:

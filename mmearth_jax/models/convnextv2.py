@@ -14,7 +14,7 @@ unpadded 3x3 stem conv leaves a 6x6 map under a 7x7 patch grid.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -31,7 +31,7 @@ LN_EPS = 1e-6
 # torch's nn.GELU default is the exact erf form.
 gelu = lambda x: nn.gelu(x, approximate=False)  # noqa: E731
 # Weight init of the reference: trunc_normal(std=.02) for convs and linears, zero biases.
-_init = nn.initializers.truncated_normal(0.02)
+trunc_normal_init = nn.initializers.truncated_normal(0.02)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -70,7 +70,7 @@ class DepthwiseConv(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     c = x.shape[-1]
     k = self.kernel_size
-    kernel = self.param("kernel", _init, (k, k, c))
+    kernel = self.param("kernel", trunc_normal_init, (k, k, c))
     bias = self.param("bias", nn.initializers.zeros, (c,))
     return depthwise_conv2d(x, kernel.astype(x.dtype), bias.astype(x.dtype), padding=self.padding,
                             impl=self.impl)
@@ -89,7 +89,8 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     k = self.kernel_size
-    kernel = self.param("kernel", _init, (k, k, x.shape[-1] // self.groups, self.features))
+    kernel = self.param("kernel", trunc_normal_init,
+                        (k, k, x.shape[-1] // self.groups, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
                padding=self.padding, groups=self.groups)
@@ -122,11 +123,11 @@ class Block(nn.Module):
     y = LayerNorm(dtype=self.dtype, name="norm")(y)
     # Pointwise layers as one 2-D matmul: XLA:CPU runs a 4-D Dense 2-3x slower.
     n, h, w, _ = y.shape
-    y = nn.Dense(4 * self.dim, dtype=self.dtype, kernel_init=_init,
+    y = nn.Dense(4 * self.dim, dtype=self.dtype, kernel_init=trunc_normal_init,
                  name="pwconv1")(y.reshape(n * h * w, self.dim))
     y = gelu(y).reshape(n, h, w, 4 * self.dim)
     y = keep(GRN(name="grn")(keep(y)))
-    y = nn.Dense(self.dim, dtype=self.dtype, kernel_init=_init,
+    y = nn.Dense(self.dim, dtype=self.dtype, kernel_init=trunc_normal_init,
                  name="pwconv2")(y.reshape(n * h * w, 4 * self.dim)).reshape(n, h, w, self.dim)
     rng = self.make_rng("drop_path") if train and self.drop_path > 0 else None
     return shortcut + drop_path(y, self.drop_path, rng)
@@ -237,7 +238,7 @@ class ConvNeXtV2(nn.Module):
     self.blocks = blocks
     self.norm = LayerNorm(dtype=self.dtype)
     if self.num_classes:
-      self.head = nn.Dense(self.num_classes, kernel_init=_init, dtype=self.dtype)
+      self.head = nn.Dense(self.num_classes, kernel_init=trunc_normal_init, dtype=self.dtype)
 
   def _stem(self, x, pixel_visible=None, stem_visible=None):
     if self.stem == "official":

@@ -13,7 +13,7 @@ mutable collections) and matches ConvNeXt's own normalisation.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,6 @@ import numpy as np
 from mmearth_jax.models.convnextv2 import VARIANTS, ConvNeXtV2, LayerNorm, gelu, stage_geometries
 
 _init = nn.initializers.truncated_normal(0.02)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class DenseProjector(nn.Module):
@@ -63,31 +62,6 @@ class DenseContrastive(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
 
-  @classmethod
-  def from_config(cls, model: Mapping[str, Any], objective: Mapping[str, Any]
-                  ) -> "DenseContrastive":
-    """The module of a config's `model` and `objective` sections (configs/dense_contrastive.py)."""
-    if model["variant"] not in VARIANTS:
-      raise ValueError(f"config model.variant = {model['variant']!r}; choose from "
-                       f"{list(VARIANTS)}")
-    if model["dtype"] not in DTYPES:
-      raise ValueError(f"config model.dtype = {model['dtype']!r}; choose from {list(DTYPES)}")
-    if objective["feature_stage"] not in (1, 2, 3, 4):
-      raise ValueError(f"config objective.feature_stage = {objective['feature_stage']!r}; "
-                       "choose 1, 2, 3 or 4 (the ConvNeXt V2 stage whose map is contrasted)")
-    if objective["projector_layers"] < 1:
-      raise ValueError(f"config objective.projector_layers = {objective['projector_layers']} "
-                       "must be >= 1")
-    return cls(variant=model["variant"], depths=tuple(model["depths"]) or None,
-               dims=tuple(model["dims"]) or None, stem=model["stem"],
-               patch_size=int(model["patch_size"]),
-               drop_path_rate=float(model["drop_path_rate"]),
-               feature_stage=int(objective["feature_stage"]),
-               projector_hidden_dim=int(objective["projector_hidden_dim"]),
-               projector_dim=int(objective["projector_dim"]),
-               projector_layers=int(objective["projector_layers"]),
-               dtype=DTYPES[model["dtype"]], remat=bool(model["remat"]))
-
   def setup(self):
     depths, dims = VARIANTS[self.variant]
     self.encoder = ConvNeXtV2(self.depths or depths, self.dims or dims, self.stem,
@@ -105,33 +79,6 @@ class DenseContrastive(nn.Module):
     its continuous pixel coordinates (pixel q covers [q, q + 1)), from the stem's geometry."""
     g = stage_geometries(image_size, self.stem, self.patch_size)[self.feature_stage - 1]
     return g.a + g.b * np.arange(g.size, dtype=np.float64), float(g.b), int(g.size)
-
-
-def spec_from_config(config: Mapping[str, Any], in_chans: int,
-                     bands: Sequence[str] | None) -> dict:
-  """The `pretrained` spec of the model a dense-contrastive training config builds:
-  {"arch": "dense_contrastive", "encoder": <a convnextv2 spec>, <projector keys>}, laid out like
-  the GFM spec (the encoder's spec nested, its parameters under params["encoder"])."""
-  m, o = config["model"], config["objective"]
-  depths, dims = VARIANTS[m["variant"]]
-  enc = {"arch": "convnextv2", "depths": list(m["depths"] or depths),
-         "dims": list(m["dims"] or dims), "stem": m["stem"], "patch_size": int(m["patch_size"]),
-         "in_chans": int(in_chans), "num_classes": 0,
-         "bands": list(bands) if bands is not None else None}
-  return {"arch": "dense_contrastive", "encoder": enc,
-          **{k: int(o[k]) for k in ("feature_stage", "projector_hidden_dim", "projector_dim",
-                                     "projector_layers")}}
-
-
-def from_spec(spec: Mapping[str, Any], dtype: Any = jnp.float32) -> DenseContrastive:
-  """The module of a `spec_from_config` spec (for loading a whole checkpoint)."""
-  enc = spec["encoder"]
-  return DenseContrastive(depths=tuple(enc["depths"]), dims=tuple(enc["dims"]), stem=enc["stem"],
-                          patch_size=int(enc["patch_size"]),
-                          feature_stage=int(spec["feature_stage"]),
-                          projector_hidden_dim=int(spec["projector_hidden_dim"]),
-                          projector_dim=int(spec["projector_dim"]),
-                          projector_layers=int(spec["projector_layers"]), dtype=dtype)
 
 
 def init_params(model: DenseContrastive, rng: jax.Array, images: jnp.ndarray) -> Any:

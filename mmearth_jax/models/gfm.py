@@ -27,48 +27,14 @@ s*s*C), `projector/{kernel, bias}`.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmearth_jax.models.convnextv2 import VARIANTS as CONVNEXTV2_VARIANTS
 from mmearth_jax.models.convnextv2 import ConvNeXtV2
-from mmearth_jax.models.vit import VIT_VARIANTS, ViT, patch_grid
+from mmearth_jax.models.vit import ViT, patch_grid
 
-ENCODER_ARCHS = ("convnextv2", "vit")
 # SimMIM's init of the mask token and (as ConvNeXt V2's) of the linear layers.
 _init = nn.initializers.truncated_normal(0.02)
-
-
-def build_encoder(arch: str, variant: str, *, depths: Sequence[int] = (),
-                  dims: Sequence[int] = (), patch_size: int = 16, embed_dim: int = 0,
-                  depth: int = 0, num_heads: int = 0, mask_patch: int = 32,
-                  drop_path_rate: float = 0.0, dtype: Any = jnp.float32,
-                  remat: bool = False) -> nn.Module:
-  """The student's (and teacher's) encoder from a GFM config's `model` section.
-
-  ConvNeXt V2 always has the official 4x4 stem (what ImageNet checkpoints have); `depths` /
-  `dims` override the variant's. ViT: `patch_size`, and `embed_dim` / `depth` / `num_heads`
-  (0 = the variant's). `mask_patch` only fills ConvNeXt's FCMAE patch size, unused here.
-  """
-  if arch == "convnextv2":
-    if variant not in CONVNEXTV2_VARIANTS:
-      raise ValueError(f"config model.variant = {variant!r}: not a ConvNeXt V2 variant; choose "
-                       f"from {list(CONVNEXTV2_VARIANTS)}")
-    d, w = CONVNEXTV2_VARIANTS[variant]
-    return ConvNeXtV2(depths=tuple(depths) or tuple(d), dims=tuple(dims) or tuple(w),
-                      stem="official", patch_size=mask_patch, drop_path_rate=drop_path_rate,
-                      dtype=dtype, remat=remat)
-  if arch == "vit":
-    if variant not in VIT_VARIANTS:
-      raise ValueError(f"config model.variant = {variant!r}: not a ViT variant; choose from "
-                       f"{list(VIT_VARIANTS)}")
-    size = VIT_VARIANTS[variant]
-    return ViT(patch_size=patch_size, embed_dim=embed_dim or size["embed_dim"],
-               depth=depth or size["depth"], num_heads=num_heads or size["num_heads"],
-               drop_path_rate=drop_path_rate, dtype=dtype, remat=remat)
-  raise ValueError(f"config model.arch = {arch!r}; choose from {ENCODER_ARCHS}")
 
 
 def encoder_stride(encoder: nn.Module) -> int:

@@ -19,8 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmearth_jax.data import modalities as M
-from mmearth_jax.models.convnextv2 import VARIANTS, Block, ConvNeXtV2, LayerNorm, _init, remat_block
+from mmearth_jax import modalities as M
+from mmearth_jax.models.convnextv2 import (VARIANTS, Block, ConvNeXtV2, LayerNorm, remat_block,
+                                           trunc_normal_init)
 
 
 def head_channels(name: str, bands: Sequence[str]) -> int:
@@ -56,7 +57,7 @@ class MPMAE(nn.Module):
     depths, dims = self.depths or depths, self.dims or dims
     self.encoder = ConvNeXtV2(depths, dims, self.stem, self.patch_size, self.drop_path_rate,
                               dwconv_impl=self.dwconv_impl, dtype=self.dtype, remat=self.remat)
-    self.proj = nn.Dense(self.decoder_dim, kernel_init=_init, dtype=self.dtype)
+    self.proj = nn.Dense(self.decoder_dim, kernel_init=trunc_normal_init, dtype=self.dtype)
     self.mask_token = self.param("mask_token", nn.initializers.zeros, (self.decoder_dim,))
     block = remat_block(Block) if self.remat else Block
     self.decoder = block(self.decoder_dim, 0.0, self.dwconv_impl, self.dtype)
@@ -64,7 +65,7 @@ class MPMAE(nn.Module):
     self.image_norm = LayerNorm(dtype=self.dtype)  # the reference's layer_norm_tmp
     p2 = self.patch_size ** 2
     self.heads = {n: nn.Dense((p2 if M.get(n).level == M.PIXEL else 1) *
-                              head_channels(n, self.outputs[n]), kernel_init=_init,
+                              head_channels(n, self.outputs[n]), kernel_init=trunc_normal_init,
                               dtype=self.dtype, name=f"head_{n}") for n in names}
     # One learnable log-variance per output modality (uncertainty weighting), start at 0.
     self.log_vars = self.param("log_vars", nn.initializers.zeros, (len(names),))

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmearth_jax.models.posenc import sincos_2d
-from mmearth_jax.models.vit import (LN_EPS, VIT_VARIANTS, ViT, _block, _dense, _gelu, _layer_norm,
-                                    _token_init, patch_grid, patch_mask)
+from mmearth_jax.models.vit import (LN_EPS, VIT_VARIANTS, ViT, block_class, dense, gelu,
+                                    layer_norm, patch_grid, patch_mask, token_init)
 from mmearth_jax.ops.conv import conv2d
 from mmearth_jax.ops.masked_tokens import random_masking, scatter_tokens
 
@@ -114,10 +114,10 @@ class FPNHead(nn.Module):
     low = ConvTranspose(d, 2, self.dtype, name="fpn2_0")(x)
     if self.progressive:  # fpn1 continues from fpn2's output
       high = _norm2d("fpn1_0", self.dtype)(low)
-      high = ConvTranspose(d, 2, self.dtype, name="fpn1_2")(_gelu(high))
+      high = ConvTranspose(d, 2, self.dtype, name="fpn1_2")(gelu(high))
     else:
       high = ConvTranspose(d, 2, self.dtype, name="fpn1_0")(x)
-      high = _gelu(_norm2d("fpn1_1", self.dtype)(high))
+      high = gelu(_norm2d("fpn1_1", self.dtype)(high))
       high = ConvTranspose(d, 2, self.dtype, name="fpn1_3")(high)
     return high, low
 
@@ -129,8 +129,8 @@ class HFFB(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     d = x.shape[-1]
-    y = _conv(_gelu(x), d // 2, 3, d // 2, self.dtype, "convs_1")
-    y = _conv(_gelu(y), d, 1, 1, self.dtype, "convs_3")
+    y = _conv(gelu(x), d // 2, 3, d // 2, self.dtype, "convs_1")
+    y = _conv(gelu(y), d, 1, 1, self.dtype, "convs_3")
     return y + _conv(x, d, 1, 1, self.dtype, "residual")
 
 
@@ -149,9 +149,9 @@ class FCNHead(nn.Module):
     for j in range(self.num_layers):
       x = HFFB(self.dtype, name=f"conv_blocks_{j}")(x)
     x = _norm2d("pred_0", self.dtype)(x)
-    x = _gelu(ConvTranspose(h // 2, self.up1, self.dtype, name="pred_1")(x))
-    x = _gelu(_conv(x, h // 4, 3, h // 4, self.dtype, "pred_3"))
-    x = _gelu(_conv(x, h // 2, 1, 1, self.dtype, "pred_5"))
+    x = gelu(ConvTranspose(h // 2, self.up1, self.dtype, name="pred_1")(x))
+    x = gelu(_conv(x, h // 4, 3, h // 4, self.dtype, "pred_3"))
+    x = gelu(_conv(x, h // 2, 1, 1, self.dtype, "pred_5"))
     return ConvTranspose(self.out_chans, 2, self.dtype, name="pred_7")(x)
 
 
@@ -216,16 +216,16 @@ class ScaleMAE(nn.Module):
     latent = self.encoder()(images, ids_keep=ids_keep, train=train, pos_scale=scale)
 
     dd = self.decoder_embed_dim
-    x = _dense(dd, "decoder_embed", self.dtype)(latent)
-    mask_token = self.param("mask_token", _token_init, (1, 1, dd), jnp.float32)
+    x = dense(dd, "decoder_embed", self.dtype)(latent)
+    mask_token = self.param("mask_token", token_init, (1, 1, dd), jnp.float32)
     tokens = scatter_tokens(x[:, 1:], ids_keep, length, mask_token.reshape(dd).astype(x.dtype),
                             impl=self.token_impl)
     pos = sincos_2d(dd, gh, gw, scale=scale, layout=self.pos_layout)  # (N, L, Dd), input grid
     x = tokens + pos.astype(self.dtype)  # the CLS row is dropped before the blocks, as the code
     for i in range(self.decoder_depth):
-      x = _block(self.remat)(self.decoder_num_heads, self.mlp_ratio, 0.0, self.dtype,
-                             name=f"decoder_blocks_{i}")(x, train)
-    x = _layer_norm("decoder_norm", self.dtype)(x).reshape(n, gh, gw, dd)
+      x = block_class(self.remat)(self.decoder_num_heads, self.mlp_ratio, 0.0, self.dtype,
+                                  name=f"decoder_blocks_{i}")(x, train)
+    x = layer_norm("decoder_norm", self.dtype)(x).reshape(n, gh, gw, dd)
 
     feat_high, feat_low = FPNHead(self.progressive, self.dtype, name="fpn")(x)
     head = dict(hidden=self.fcn_dim, num_layers=self.fcn_layers, out_chans=self.out_chans or c,

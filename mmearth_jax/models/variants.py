@@ -1,4 +1,5 @@
-"""ConvNeXt V2 variants (depths, dims); free of JAX so the torch reference can share it."""
+"""ConvNeXt V2 and ViT variant sizes; free of JAX, so configs and the torch reference share
+them."""
 
 CONVNEXTV2: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
@@ -9,4 +10,12 @@ CONVNEXTV2: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
     "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
     "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+
+# ViT sizes (Dosovitskiy et al. 2021): S/16, B/16, L/16, H/14 widths, depths and heads.
+VIT: dict[str, dict[str, int]] = {
+    "S": dict(embed_dim=384, depth=12, num_heads=6),
+    "B": dict(embed_dim=768, depth=12, num_heads=12),
+    "L": dict(embed_dim=1024, depth=24, num_heads=16),
+    "H": dict(embed_dim=1280, depth=32, num_heads=16),
 }

@@ -29,18 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmearth_jax.models.variants import VIT
 from mmearth_jax.models.posenc import sincos_2d
 from mmearth_jax.ops.masked_tokens import gather_tokens, random_masking, scatter_tokens
 
 Dtype = Any
 
 # (embed_dim, depth, num_heads); mlp ratio 4 for all.
-VIT_VARIANTS: dict[str, dict[str, int]] = {
-    "S": dict(embed_dim=384, depth=12, num_heads=6),
-    "B": dict(embed_dim=768, depth=12, num_heads=12),
-    "L": dict(embed_dim=1024, depth=24, num_heads=16),
-    "H": dict(embed_dim=1280, depth=32, num_heads=16),
-}
+VIT_VARIANTS = VIT
 
 LN_EPS = 1e-6
 # MAE's init: xavier-uniform Linears with zero bias, N(0, 0.02) tokens, and the patch conv
@@ -48,18 +44,18 @@ LN_EPS = 1e-6
 _xavier = nn.initializers.xavier_uniform()
 _patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2),
                                                out_axis=-1)
-_token_init = nn.initializers.normal(0.02)
+token_init = nn.initializers.normal(0.02)
 
 
-def _gelu(x: jnp.ndarray) -> jnp.ndarray:
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
   return nn.gelu(x, approximate=False)  # torch's nn.GELU default is the exact erf form
 
 
-def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _dense(features: int, name: str, dtype: Dtype) -> nn.Dense:
+def dense(features: int, name: str, dtype: Dtype) -> nn.Dense:
   return nn.Dense(features, kernel_init=_xavier, bias_init=nn.initializers.zeros, dtype=dtype,
                   param_dtype=jnp.float32, name=name)
 
@@ -144,10 +140,10 @@ class Attention(nn.Module):
     h = self.num_heads
     if d % h:
       raise ValueError(f"width {d} is not divisible by {h} heads")
-    qkv = _dense(3 * d, "qkv", self.dtype)(x).reshape(n, t, 3, h, d // h)
+    qkv = dense(3 * d, "qkv", self.dtype)(x).reshape(n, t, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, T, heads, head_dim) each
     out = jax.nn.dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), f32 softmax
-    return _dense(d, "proj", self.dtype)(out.reshape(n, t, d))
+    return dense(d, "proj", self.dtype)(out.reshape(n, t, d))
 
 
 class Mlp(nn.Module):
@@ -156,8 +152,8 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    y = _gelu(_dense(self.hidden, "fc1", self.dtype)(x))
-    return _dense(x.shape[-1], "fc2", self.dtype)(y)
+    y = gelu(dense(self.hidden, "fc1", self.dtype)(x))
+    return dense(x.shape[-1], "fc2", self.dtype)(y)
 
 
 class Block(nn.Module):
@@ -171,13 +167,13 @@ class Block(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     d = x.shape[-1]
     drop = DropPath(self.drop_path)
-    y = Attention(self.num_heads, self.dtype, name="attn")(_layer_norm("norm1", self.dtype)(x))
+    y = Attention(self.num_heads, self.dtype, name="attn")(layer_norm("norm1", self.dtype)(x))
     x = x + drop(y, deterministic=not train)
-    y = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(_layer_norm("norm2", self.dtype)(x))
+    y = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(layer_norm("norm2", self.dtype)(x))
     return x + drop(y, deterministic=not train)
 
 
-def _block(remat: bool) -> type[nn.Module]:
+def block_class(remat: bool) -> type[nn.Module]:
   """Block, or Block whose activations are recomputed in the backward pass (`train` static)."""
   return nn.remat(Block, static_argnums=(2,)) if remat else Block
 
@@ -248,18 +244,18 @@ class ViT(nn.Module):
     if ids_keep is not None:
       x = gather_tokens(x, ids_keep, impl=self.token_impl)
 
-    cls = self.param("cls_token", _token_init, (1, 1, d), jnp.float32).astype(self.dtype)
+    cls = self.param("cls_token", token_init, (1, 1, d), jnp.float32).astype(self.dtype)
     cls = jnp.broadcast_to(cls + pos[..., :1, :], (n, 1, d))
     x = jnp.concatenate([cls, x], axis=1)
 
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)
     outs = {}
     for i in range(self.depth):
-      x = _block(self.remat)(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
-                             name=f"blocks_{i}")(x, train)
+      x = block_class(self.remat)(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
+                                  name=f"blocks_{i}")(x, train)
       if i in wanted:
         outs[i] = x
-    x = _layer_norm("norm", self.dtype)(x)
+    x = layer_norm("norm", self.dtype)(x)
     if return_blocks:
       return x, [outs[i] for i in wanted]
     return x
@@ -326,18 +322,18 @@ class MAE(nn.Module):
                      images, ids_keep=ids_keep, train=train)
 
     dd = self.decoder_embed_dim
-    x = _dense(dd, "decoder_embed", self.dtype)(latent)
-    mask_token = self.param("mask_token", _token_init, (1, 1, dd), jnp.float32)
+    x = dense(dd, "decoder_embed", self.dtype)(latent)
+    mask_token = self.param("mask_token", token_init, (1, 1, dd), jnp.float32)
     # Kept tokens back to their grid slots, the mask token everywhere else.
     tokens = scatter_tokens(x[:, 1:], ids_keep, length, mask_token.reshape(dd).astype(x.dtype),
                             impl=self.token_impl)
     x = jnp.concatenate([x[:, :1], tokens], axis=1)
     x = x + sincos_2d(dd, gh, gw, cls_token=True).astype(self.dtype)
     for i in range(self.decoder_depth):
-      x = _block(self.remat)(self.decoder_num_heads, self.mlp_ratio, 0.0, self.dtype,
-                             name=f"decoder_blocks_{i}")(x, train)
-    x = _layer_norm("decoder_norm", self.dtype)(x)
-    pred = _dense(self.patch_size ** 2 * c, "decoder_pred", self.dtype)(x)
+      x = block_class(self.remat)(self.decoder_num_heads, self.mlp_ratio, 0.0, self.dtype,
+                                  name=f"decoder_blocks_{i}")(x, train)
+    x = layer_norm("decoder_norm", self.dtype)(x)
+    pred = dense(self.patch_size ** 2 * c, "decoder_pred", self.dtype)(x)
     return pred[:, 1:], patch_mask(ids_keep, length)
 
 

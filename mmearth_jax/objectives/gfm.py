@@ -15,16 +15,15 @@ teacher was trained there: `teacher_size` > 0 does that; 0 feeds the student's i
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mmearth_jax.models.convnextv2 import ConvNeXtV2
 from mmearth_jax.models.gfm import encode
+from mmearth_jax.ops import resize as R
 
 
 def mask_count(cells: int, ratio: float) -> int:
@@ -85,30 +84,10 @@ def distillation_loss(student: jnp.ndarray, teacher: jnp.ndarray, alpha: float =
   return -jnp.mean(cosine_similarity(student, jax.lax.stop_gradient(teacher))) * alpha
 
 
-@functools.lru_cache(maxsize=16)
-def _align_corners_matrix(size_in: int, size_out: int) -> np.ndarray:
-  """(size_out, size_in) matrix of a 1-D bilinear resize with align_corners=True."""
-  a = np.zeros((size_out, size_in), np.float64)
-  src = (np.arange(size_out) * ((size_in - 1) / (size_out - 1)) if size_out > 1
-         else np.zeros(1))
-  i0 = np.minimum(np.floor(src).astype(int), size_in - 1)
-  i1 = np.minimum(i0 + 1, size_in - 1)
-  w1 = src - i0
-  np.add.at(a, (np.arange(size_out), i0), 1.0 - w1)
-  np.add.at(a, (np.arange(size_out), i1), w1)
-  return a
-
-
 def resize_align_corners(images: jnp.ndarray, size: int) -> jnp.ndarray:
   """(N, H, W, C) -> (N, size, size, C), torch's bilinear interpolate with align_corners=True
-  (how GFM's code feeds its 224 px teacher)."""
-  n, h, w, c = images.shape
-  if (h, w) == (size, size):
-    return images
-  ah = jnp.asarray(_align_corners_matrix(h, size), jnp.float32)
-  aw = jnp.asarray(_align_corners_matrix(w, size), jnp.float32)
-  x = images.astype(jnp.float32)
-  return jnp.einsum("ih,nhwc,jw->nijc", ah, x, aw, precision="highest").astype(images.dtype)
+  (how GFM's code feeds its 224 px teacher), at full float32 matmul precision."""
+  return R.resize(images, int(size), "bilinear", align_corners=True, xp=jnp, precision="highest")
 
 
 def teacher_features(model: Any, teacher: Mapping[str, Any], images: jnp.ndarray, *,

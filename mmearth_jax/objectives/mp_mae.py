@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mmearth_jax.data import modalities as M
+from mmearth_jax import modalities as M
 from mmearth_jax.models.mp_mae import random_patch_mask
 
 

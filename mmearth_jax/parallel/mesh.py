@@ -20,6 +20,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmearth_jax import config_lib
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -33,18 +35,8 @@ VIT_TENSOR_RULES = (
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The mesh section of a training config."""
-  c = ml_collections.ConfigDict()
-  c.data = -1  # -1: whatever the other axes leave
-  c.fsdp = 1
-  c.tensor = 1
-  c.num_devices = 0  # 0: all devices of the job; else the first n (single process only)
-  # (regex over "a/b/kernel" parameter paths, tactic); first match wins. Tactics, space
-  # separated: "fsdp" (largest dimension divisible by the fsdp size), "tensor:<dim>",
-  # "replicate".
-  c.rules = ((r".*", "fsdp"),)
-  c.fsdp_min_size = 2 ** 14  # tensors with fewer elements stay replicated
-  return c
+  """The mesh section of a training config; its defaults live in `config_lib.mesh_config`."""
+  return config_lib.mesh_config()
 
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:

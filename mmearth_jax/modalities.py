@@ -1,8 +1,10 @@
 """The one registry of MMEarth modalities.
 
-Everything that needs to know a band order, a dtype, a no-data value, a task kind or a label
+Everything that needs to know a modality's bands, dtype, no-data value, task kind or label
 mapping reads it from here: the sample writer, the converter, the input pipeline and the model
-heads. The facts restate the upstream release (see `shared/reference/mmearth-data.md`).
+heads. The facts are those of the upstream MMEarth release: its HDF5 file stores one dataset per
+modality, in the dtypes, band orders and no-data values below. Band names and orders come from
+`mmearth_jax.bands`, the one home of band facts.
 
 Pixel modalities are stored and served channels-last, `(H, W, C)`, the layout JAX convolutions
 want; the upstream HDF5 file stores them channels-first, `(C, H, W)`.
@@ -13,6 +15,8 @@ import dataclasses
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from mmearth_jax import bands as B
 
 PIXEL = "pixel"
 IMAGE = "image"
@@ -67,10 +71,9 @@ class Modality:
     return out
 
 
-S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8A", "B8", "B9", "B10", "B11", "B12")
-S1_BANDS = ("asc_VV", "asc_VH", "asc_HH", "asc_HV", "desc_VV", "desc_VH", "desc_HH", "desc_HV")
-ERA5_BANDS = tuple(f"{period}_{var}" for period in ("prev_month", "curr_month", "year")
-                   for var in ("avg_temp", "min_temp", "max_temp", "total_precip"))
+S2_BANDS = B.S2_BANDS
+S1_BANDS = B.S1_BANDS
+ERA5_BANDS = B.ERA5_BANDS
 
 # Dynamic World is stored 1..9 (0 = no data); classes 0..8.
 DYNAMIC_WORLD_CLASSES = ("water", "trees", "grass", "flooded_vegetation", "crops",
@@ -139,8 +142,8 @@ def get(name: str) -> Modality:
 # Input and output selections (the paper's ablations), as {modality: bands}.
 
 # MMEarth's encoder input: the 12 Sentinel-2 bands without the cirrus band B10.
-S2_INPUT_BANDS = tuple(b for b in S2_BANDS if b != "B10")
-RGB_BANDS = ("B4", "B3", "B2")
+S2_INPUT_BANDS = B.S2_INPUT_BANDS
+RGB_BANDS = B.RGB
 
 INPUT_PRESETS: dict[str, tuple[str, ...]] = {
     "s2": S2_INPUT_BANDS,
