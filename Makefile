@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := data/demo
 
-.PHONY: demo demo-scale-mae demo-gfm demo-contrastive test bench clean help
+.PHONY: demo demo-scale-mae demo-gfm demo-contrastive test test-slow bench clean help
 
 help:
 	@echo "make demo   build the built-in sample, convert it, and pretrain MP-MAE atto on it (CPU)"
@@ -14,6 +14,7 @@ help:
 	@echo "make demo-gfm  GFM continual pretraining (SimMIM + distillation from a frozen teacher)"
 	@echo "make demo-contrastive  dense contrastive pretraining (Embedding Earth) on the sample"
 	@echo "make test   run the test suite"
+	@echo "make test-slow  the minutes-long statistical tests (pretraining beats random init)"
 	@echo "make bench  run the benchmarks in benchmarks/"
 
 $(STAMP): setup.py
@@ -59,7 +60,10 @@ $(DEMO)/shards/manifest.json: | $(STAMP)
 	$(BIN)/mmearth-jax convert --src $(DEMO)/h5 --out $(DEMO)/shards --shards 8 --workers 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/data_pipeline.py

@@ -31,7 +31,8 @@ setup(
         # The CPU build; a looser range pulls the newest CUDA build and several GB with it.
         "torch": ["torch==2.13.0"],
         # xdist: the suite runs in 2 processes (one per core of the CI machine).
-        "test": ["pytest>=9,<10", "pytest-xdist>=3.6,<4", "portpicker>=1.6"],
+        "test": ["pytest>=9,<10", "pytest-xdist>=3.6,<4", "portpicker>=1.6",
+                 "filelock>=3.12"],  # the shared compilation cache's lock
         # The Colab notebook, executed headless by the test suite.
         "notebook": ["papermill>=2.6,<3", "nbclient>=0.10", "ipykernel>=6", "matplotlib>=3.8"],
     },

@@ -30,7 +30,7 @@ import optax
 import torch
 import torch.nn.functional as F
 
-from mmearth_jax import metrics, optim, train
+from mmearth_jax import methods, metrics, optim, train
 from mmearth_jax import modalities as M
 from mmearth_jax.interop.torch_convnextv2 import ConvNeXtV2MMEarth, MPMAETorch
 from mmearth_jax.models.convnextv2 import VARIANTS, convnextv2
@@ -118,7 +118,7 @@ def config_for(variant: str, size: int, patch: int, batch: int, dtype: str = "fl
 
 def trainer_step(config, outputs, batch_example, total_steps=1000):
   """The trainer's jitted step and initial state (single device)."""
-  task = train.mp_mae_task(config, outputs)
+  task = methods.get("mp_mae").task(config, methods.DataInfo(0, None, outputs))
   params = jax.jit(task.init)(jax.random.key(0), batch_example)
   tx, schedule = optim.make_optimizer(config.optimizer, params, global_batch=config.data.global_batch_size,
                                       total_steps=total_steps)
@@ -262,7 +262,7 @@ def fsdp_memory(variant: str, size: int, patch: int, batch: int) -> None:
   config = config_for(variant, size, patch, batch)
   outputs = M.output_preset("all")
   example = jax.tree.map(jnp.asarray, fake_batch(outputs, 1, size))
-  task = train.mp_mae_task(config, outputs)
+  task = methods.get("mp_mae").task(config, methods.DataInfo(0, None, outputs))
   abstract_params = jax.eval_shape(task.init, jax.random.key(0), example)
   tx, schedule = optim.make_optimizer(config.optimizer, abstract_params, global_batch=batch,
                                       total_steps=1000)

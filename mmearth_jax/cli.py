@@ -217,12 +217,12 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _to_torch(args: argparse.Namespace) -> int:
-  from mmearth_jax import pretrained
+  from mmearth_jax import methods, pretrained
   from mmearth_jax.interop import hub, torch_io
   model = pretrained.load(args.checkpoint)
-  if isinstance(model.spec.get("encoder"), dict):
-    # A pretraining wrapper (GFM's SimMIM student, the dense contrastive model): export the
-    # encoder, the part users fine-tune.
+  if not methods.arch(model.spec).export_layouts:
+    # A model with no PyTorch layout of its own (GFM's SimMIM student, the dense contrastive
+    # model): export its encoder, the part users fine-tune.
     model = pretrained.Pretrained(pretrained.encoder_spec(model.spec),
                                   pretrained.encoder_params(model.spec, model.params),
                                   model.source)

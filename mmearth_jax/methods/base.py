@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mmearth_jax import bands as B
+from mmearth_jax import modalities as M
 from mmearth_jax.config_lib import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -88,3 +90,12 @@ def shards_data(config: ml_collections.ConfigDict) -> tuple[Iterator, DataInfo]:
   bands, outputs, _ = pipeline.resolve_config(config.data, manifest)
   info = DataInfo(manifest["num_records"], tuple(bands), dict(outputs))
   return iter(pipeline.make_dataset(data_cfg)), info
+
+
+def image_bands(data: Mapping[str, Any]) -> tuple[list[str] | None, int]:
+  """(bands, channels) of the images a data section feeds: an image folder / TFDS dataset
+  (RGB when it has 3 channels, else unnamed) or the MMEarth shards' `input` bands."""
+  if data.get("images"):
+    return (list(B.RGB) if len(data["mean"]) == 3 else None), len(data["mean"])
+  bands = list(M.resolve_input(data["input"]))
+  return bands, len(bands)

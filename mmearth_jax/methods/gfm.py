@@ -16,7 +16,6 @@ import ml_collections
 from mmearth_jax import optim
 from mmearth_jax.config_lib import ConfigError
 from mmearth_jax.methods import base, encoders
-from mmearth_jax.methods.scale_mae import image_bands
 from mmearth_jax.models import gfm as gfm_model
 from mmearth_jax.models.convnextv2 import ConvNeXtV2
 from mmearth_jax.models.vit import ViT
@@ -30,7 +29,7 @@ def encoder_spec_from_config(config: Mapping[str, Any]) -> dict:
   """The student's (and the teacher's) encoder: ConvNeXt V2 with the official 4x4 stem (what
   ImageNet checkpoints have; the FCMAE patch size is the mask patch) or a ViT."""
   m, d, o = config["model"], config["data"], config["objective"]
-  bands, in_chans = image_bands(d)
+  bands, in_chans = base.image_bands(d)
   if m["arch"] == "convnextv2":
     return encoders.convnextv2_spec(m["variant"], depths=m["depths"], dims=m["dims"],
                                     stem="official", patch_size=o["mask_patch"], bands=bands,

@@ -15,9 +15,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import jax.numpy as jnp
 import ml_collections
 
-from mmearth_jax import bands as B
 from mmearth_jax.config_lib import ConfigError
-from mmearth_jax import modalities as M
 from mmearth_jax.methods import base, encoders
 from mmearth_jax.models.scale_mae import ScaleMAE
 from mmearth_jax.models.variants import VIT
@@ -28,18 +26,9 @@ NAME = "scale_mae"
 POS_LAYOUTS = {"code": "concat", "paper": "interleave"}  # config model.pos_variant -> spec
 
 
-def image_bands(data: Mapping[str, Any]) -> tuple[list[str] | None, int]:
-  """(bands, channels) of the images a data section feeds: an image folder / TFDS dataset
-  (RGB when it has 3 channels, else unnamed) or the MMEarth shards' `input` bands."""
-  if data.get("images"):
-    return (list(B.RGB) if len(data["mean"]) == 3 else None), len(data["mean"])
-  bands = list(M.resolve_input(data["input"]))
-  return bands, len(bands)
-
-
 def spec_from_config(config: Mapping[str, Any]) -> dict:
   m, d = config["model"], config["data"]
-  bands, in_chans = image_bands(d)
+  bands, in_chans = base.image_bands(d)
   if m["pos_variant"] not in POS_LAYOUTS:
     raise ConfigError(f"config model.pos_variant = {m['pos_variant']!r}; choose from "
                            f"{list(POS_LAYOUTS)}")
