@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _trees import noisy_params
+
 from mmearth_jax.models import convnextv2 as cx
 
 
@@ -15,14 +17,6 @@ def _init(model, size, bands=12, mask_grid=None):
   x = jnp.zeros((1, size, size, bands))
   mask = None if mask_grid is None else jnp.zeros((1, mask_grid, mask_grid))
   return model.init(jax.random.key(0), x, mask)["params"]
-
-
-def _randomise(params, seed=1, scale=0.2):
-  """Non-zero GRN gamma/beta and biases, so every masking point matters."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(tree, [l + scale * jax.random.normal(k, l.shape)
-                                   for l, k in zip(leaves, keys)])
 
 
 @pytest.mark.parametrize("variant,stem,want", [
@@ -81,7 +75,9 @@ def test_mask_geometry_56_8_maps_the_7x7_grid_onto_6x6():
     ("mmearth", 112, 16, 7), ("mmearth", 56, 8, 7), ("official", 64, 32, 2)])
 def test_masked_pixels_cannot_change_visible_outputs(stem, size, patch, grid):
   model = cx.ConvNeXtV2(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), stem=stem, patch_size=patch)
-  params = _randomise(_init(model, size, bands=4, mask_grid=grid))
+  # Noise on every leaf (GRN gamma/beta and biases too), so every masking point matters.
+  params = noisy_params(model, jnp.zeros((1, size, size, 4)), jnp.zeros((1, grid, grid)),
+                        scale=0.2)
   rng = np.random.default_rng(2)
   pm = np.zeros((2, grid, grid), np.float32)
   pm[0, 0, 1] = pm[0, 1, 0] = pm[1, grid - 1, grid - 1] = pm[1, 0, 0] = 1
@@ -172,7 +168,7 @@ def test_masked_path_works_for_non_square_inputs():
 def test_stage_outputs_are_the_pyramid_the_encoder_computes(stem, patch):
   model = cx.ConvNeXtV2(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem=stem, patch_size=patch)
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-  params = model.init(jax.random.key(1), x)
+  params = {"params": noisy_params(model, x)}
   stages = model.apply(params, x, return_stages=True)
   rows = cx.stage_geometries(64, stem, patch)
   assert [s.shape for s in stages] == [(2, g.size, g.size, d) for g, d in zip(rows, model.dims)]
@@ -184,7 +180,7 @@ def test_simmim_mask_token_replaces_exactly_the_masked_patches():
   through the token; a visible patch's pixels do; no mask changes nothing."""
   model = cx.ConvNeXtV2(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), stem="official")
   x = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
-  params = model.init(jax.random.key(1), x)
+  params = {"params": noisy_params(model, x)}
   token = jax.random.normal(jax.random.key(2), (8,))
   mask = jnp.array([[[1.0, 0.0], [0.0, 0.0]]])  # top-left 32 px patch masked
   run = lambda im, m=mask: model.apply(params, im, m, mask_token=token, return_stages=True)[0]

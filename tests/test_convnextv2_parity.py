@@ -11,7 +11,7 @@ from mmearth_jax.interop import convert_convnextv2 as cv
 from mmearth_jax.interop import torch_convnextv2 as tc
 from mmearth_jax.models import convnextv2 as cx
 from mmearth_jax.models.mp_mae import MPMAE
-from _trees import assert_bit_exact
+from _trees import assert_bit_exact, noisy_params
 
 torch.set_num_threads(2)
 TOL = 1e-5
@@ -30,20 +30,6 @@ def _count(tree) -> int:
 
 def _torch_count(model: torch.nn.Module) -> int:
   return sum(p.numel() for p in model.parameters())  # shared parameters counted once
-
-
-def _random_params(model, *args, seed=1, scale=0.1):
-  """Noisy weights for every leaf (GRN gamma/beta, biases, norms, tokens), so no masking point
-  or transpose can hide behind a zero. Built from shapes only: eager `init` would compile a
-  random initialiser per shape, which dominates this file's runtime."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    base = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
-    return (base + scale * rng.standard_normal(s.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def _patch_mask(rng, n, grid, ratio=0.6):
@@ -79,7 +65,7 @@ ENCODER_CASES = [
 def test_encoder_parity(variant, stem, size, patch, bands, classes, record_property):
   grid = size // patch
   model = cx.convnextv2(variant, stem=stem, patch_size=patch, num_classes=classes)
-  params = _random_params(model, jnp.zeros((1, size, size, bands)), jnp.zeros((1, grid, grid)))
+  params = noisy_params(model, jnp.zeros((1, size, size, bands)), jnp.zeros((1, grid, grid)))
   tmodel = _torch_encoder(stem, variant, bands, patch, classes).eval()
   tmodel.load_state_dict(cv.flax_to_torch(params, stem), strict=True)
   assert _torch_count(tmodel) == _count(params)
@@ -124,7 +110,7 @@ def mp_mae_pair():
   outputs = M.output_preset("all")
   assert len(outputs) == 12
   model = MPMAE(outputs, "atto", patch_size=8)
-  params = _random_params(model, jnp.zeros((1, 56, 56, 12)), jnp.zeros((1, 7, 7)), seed=3)
+  params = noisy_params(model, jnp.zeros((1, 56, 56, 12)), jnp.zeros((1, 7, 7)), seed=3)
   tmodel = tc.MPMAETorch(outputs, in_chans=12, variant="atto", patch_size=8).eval()
   sd = cv.mp_mae_flax_to_torch(params, outputs)
   tmodel.load_state_dict(sd, strict=True)

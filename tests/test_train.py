@@ -119,6 +119,27 @@ def test_overrides_are_typed_and_misspellings_name_the_key():
       == (["train", "--w", "d"], ["a.b=1", "c=x"])
 
 
+def test_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+  """The recipes ship in the package (mmearth_jax.configs maps onto configs/): by name, by the
+  repository-relative path from another folder, and a user's own file starting from
+  base_config() all load; an unknown name lists the shipped ones."""
+  monkeypatch.chdir(tmp_path)  # no configs/ folder here
+  want = config_lib.load(f"{CONFIG}:demo").to_dict()
+  assert config_lib.load("mp_mae:demo").to_dict() == want
+  assert config_lib.load("configs/mp_mae.py:demo").to_dict() == want
+  assert {"mp_mae", "scale_mae", "gfm", "dense_contrastive", "segment"} <= set(
+      config_lib.packaged_configs())
+  (tmp_path / "mine.py").write_text(
+      "from mmearth_jax import config_lib\n\n"
+      "def get_config(variant):\n"
+      "  c = config_lib.base_config()\n"
+      "  c.seed = int(variant or 7)\n"
+      "  return c\n")
+  assert config_lib.load("mine.py:3").seed == 3
+  with pytest.raises(config_lib.ConfigError, match=r"no config of that name.*mp_mae"):
+    config_lib.load("mp_maee:demo")
+
+
 def test_cli_reports_a_bad_override(tmp_path):
   env = cpu_env(1)
   out = subprocess.run([sys.executable, "-m", "mmearth_jax", "train", "--config",
