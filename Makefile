@@ -21,7 +21,7 @@ $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mmearth_jax needs Python 3.11 or newer; set PYTHON=python3.X")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,torch,notebook]'
+	$(BIN)/python -m pip install --quiet -e '.[test,torch,notebook,geo]'
 	@touch $@
 
 demo: $(STAMP)

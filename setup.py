@@ -28,13 +28,22 @@ setup(
         "safetensors>=0.4,<1",  # weight files read and written without unpickling
     ],
     extras_require={
-        # The CPU build; a looser range pulls the newest CUDA build and several GB with it.
+        # The release the tests use. On Linux, PyPI's torch wheel is the CUDA build (GBs of
+        # nvidia-* packages); for a CPU-only machine, install torch 2.13.0 from PyTorch's CPU
+        # wheel index first (README, Install).
         "torch": ["torch==2.13.0"],
         # xdist: the suite runs in 2 processes (one per core of the CI machine).
         "test": ["pytest>=9,<10", "pytest-xdist>=3.6,<4", "portpicker>=1.6",
-                 "filelock>=3.12"],  # the shared compilation cache's lock
+                 "filelock>=3.12"],  # the shared compilation cache's lock; tests/_wheel.py's
         # The Colab notebook, executed headless by the test suite.
         "notebook": ["papermill>=2.6,<3", "nbclient>=0.10", "ipykernel>=6", "matplotlib>=3.8"],
+        # GeoTIFF scenes (rasterio ships GDAL in its wheels) and Parquet tables; pyarrow 16 is
+        # the first built for numpy 2.
+        "geo": ["rasterio>=1.4,<1.5", "pyarrow>=16"],
+        # JAX for NVIDIA GPUs (CUDA 12 and cuDNN from pip) and for Cloud TPU VMs (libtpu): the same
+        # JAX release as install_requires, with the accelerator's plugin.
+        "cuda12": ["jax[cuda12]>=0.10.2,<0.11"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
     entry_points={"console_scripts": ["mmearth-jax=mmearth_jax.cli:main"]},
 )

@@ -6,6 +6,9 @@
 #   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local.sh --config configs/mp_mae.py:demo \
 #       --workdir runs/demo2 --config.mesh.fsdp=4
 #
+# Needs `mmearth-jax` on PATH: `pip install -e .` (CPU), `-e '.[cuda12]'` (NVIDIA GPUs) or
+# `-e '.[tpu]'` (a TPU VM); see setup.py's extras.
+#
 # Variables: NUM_PROCESSES (required); DEVICES_PER_PROCESS (simulated CPU devices, CPU only);
 # PORT (coordinator port, default 12355); LOG_DIR (logs of processes 1.., default .);
 # MMEARTH_JAX (the command, default mmearth-jax). SIGTERM/SIGINT are passed to every process

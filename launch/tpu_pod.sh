@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create (or reuse) a Cloud TPU VM slice, copy this repository to every worker, install JAX for
-# TPU, and run the same train command on all workers (JAX auto-detects the pod).
+# Create (or reuse) a Cloud TPU VM slice, copy this repository to every worker, install it with
+# its `tpu` extra (JAX with libtpu, setup.py), and run the same train command on all workers (JAX
+# auto-detects the pod).
 #
 #   TPU_NAME=mmearth-v4-64 ZONE=us-central2-b ACCELERATOR_TYPE=v4-64 PROJECT=my-project \
 #   launch/tpu_pod.sh --config configs/mp_mae.py:atto --workdir gs://my-bucket/runs/atto \
@@ -35,7 +36,7 @@ git -C "$REPO" archive --format=tar.gz -o "$ARCHIVE" HEAD
 "${TPU[@]}" scp "$ARCHIVE" "$TPU_NAME":mmearth_jax.tar.gz --worker=all
 "${TPU[@]}" ssh "$TPU_NAME" --worker=all --command \
     "rm -rf mmearth_jax && mkdir mmearth_jax && tar -xzf mmearth_jax.tar.gz -C mmearth_jax && \
-     python3 -m pip install -q -U 'jax[tpu]>=0.10.2,<0.11' -e ./mmearth_jax"
+     python3 -m pip install -q -U -e './mmearth_jax[tpu]'"
 
 ARGS=$(printf '%q ' "$@")
 "${TPU[@]}" ssh "$TPU_NAME" --worker=all --command \

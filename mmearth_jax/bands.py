@@ -20,6 +20,12 @@ S1_BANDS = ("asc_VV", "asc_VH", "asc_HH", "asc_HV", "desc_VV", "desc_VH", "desc_
 ERA5_BANDS = tuple(f"{period}_{var}" for period in ("prev_month", "curr_month", "year")
                    for var in ("avg_temp", "min_temp", "max_temp", "total_precip"))
 
+# The values MMEarth's `sentinel2` dataset stores (uint16, 0 = no data): what its band statistics
+# and a model pretrained on it expect before z-scoring.
+S2_STORED_UNITS = "Sentinel-2 reflectance x 10000"
+# The ground sample distance (m) of MMEarth's tiles: every modality is on one 10 m grid.
+MMEARTH_GSD_M = 10.0
+
 # Central wavelengths (nm) of the Sentinel-2 bands.
 S2_WAVELENGTH_NM = {"B1": 443, "B2": 490, "B3": 560, "B4": 665, "B5": 705, "B6": 740, "B7": 783,
                     "B8": 842, "B8A": 865, "B9": 945, "B10": 1375, "B11": 1610, "B12": 2190}
@@ -54,6 +60,9 @@ def canonical(name: str) -> str:
 # #2480); TFDS eurosat/all stores the file's channels unchanged.
 EUROSAT_TFDS_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11", "B12",
                       "B8A")
+# The EuroSAT MS release (EuroSAT_MS.zip: one 13-band uint16 GeoTIFF per image, Sentinel-2 L1C
+# digital numbers, i.e. top-of-atmosphere reflectance x 10000): the same channels in the same order.
+EUROSAT_MS_BANDS = EUROSAT_TFDS_BANDS
 # So2Sat LCZ42 `sen2`: B2, B3, B4, B5, B6, B7, B8, B8A, B11, B12 (TFDS's rgb config takes
 # channels 2, 1, 0 as R, G, B). Values are reflectance (0..~3).
 SO2SAT_TFDS_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")

@@ -2,7 +2,8 @@
 
 Every command is one `Command` entry of `COMMANDS`: its name, help, description, handler and
 arguments; argument groups that several commands share (`CHECKPOINT`, `EVAL_DATA`) are defined
-once. Nothing here imports JAX or PyTorch at module level: handlers import what they use.
+once. Nothing here imports JAX or PyTorch at module level: handlers import what they use, and only
+`to-torch` and `from-torch` import `mmearth_jax.interop` (PyTorch, the `torch` extra).
 """
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ def _train(args: argparse.Namespace) -> int:
   config = config_lib.load(args.config, args.overrides)
   from mmearth_jax import train
   try:
-    train.train(config, args.workdir)
+    train.train(config, args.workdir,
+                provenance={"config": args.config, "overrides": list(args.overrides)})
   except train.TrainingError as e:
     print(f"mmearth-jax train: error: {e}", file=sys.stderr)
     return 1
@@ -217,7 +219,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _to_torch(args: argparse.Namespace) -> int:
-  from mmearth_jax import methods, pretrained
+  from mmearth_jax import cards, methods, pretrained
   from mmearth_jax.interop import hub, torch_io
   model = pretrained.load(args.checkpoint)
   if not methods.arch(model.spec).export_layouts:
@@ -225,11 +227,13 @@ def _to_torch(args: argparse.Namespace) -> int:
     # model): export its encoder, the part users fine-tune.
     model = pretrained.Pretrained(pretrained.encoder_spec(model.spec),
                                   pretrained.encoder_params(model.spec, model.params),
-                                  model.source)
+                                  model.source, model.card)
   state_dict = hub.export_state_dict(model.spec, model.params, args.layout)
-  torch_io.save_state_dict(state_dict, args.out)
+  card = cards.for_export(model.card, model.spec, args.layout, args.out)
+  torch_io.save_state_dict(state_dict, args.out, metadata=cards.metadata(card))
+  card_file = cards.write(card, cards.card_path(args.out))
   print(f"wrote {len(state_dict)} tensors ({args.layout} layout, {model.spec['arch']}) to "
-        f"{args.out}")
+        f"{args.out}, its model card to {card_file}")
   if args.check:
     _check_export(model, args.out, args.layout, args.check)
   return 0
@@ -254,17 +258,44 @@ def _check_export(model, path: str, layout: str, check: str) -> None:
 
 
 def _from_torch(args: argparse.Namespace) -> int:
-  from mmearth_jax import pretrained
+  from mmearth_jax import cards, pretrained
   from mmearth_jax.interop import hub, torch_io
   state_dict = torch_io.load_state_dict(args.checkpoint)
   spec, params, notes = hub.import_state_dict(state_dict, args.model)
   if args.bands:
     spec["bands"] = args.bands.split(",")
+  stats = cards.read_band_stats(args.band_stats) if args.band_stats else None
+  attached, attached_from = cards.read_attached(args.checkpoint)
+  card = cards.for_import(spec, notes, args.checkpoint, notes[0][len("layout: "):],
+                          bands_given=bool(args.bands), band_stats=stats,
+                          stats_from=args.band_stats, attached=attached,
+                          attached_from=attached_from)
+  spec["bands"] = cards.band_names(card)  # the attached card's, when it names them
   for note in notes:
-    print(f"note: {note}")
-  out = pretrained.save(args.out, spec, params, source=f"imported from {args.checkpoint}")
+    if not note.startswith("assumed: "):  # those are in the card's: printed below
+      print(f"note: {note}")
+  if attached_from:
+    print(f"note: model card read from {attached_from}")
+  for key in ("assumed", "unknown"):
+    for item in card[key]:
+      print(f"{key}: {item}")
+  out = pretrained.save(args.out, spec, params, source=f"imported from {args.checkpoint}",
+                        card=card)
   shape = {k: v for k, v in spec.items() if k not in ("outputs", "bands")}
   print(f"imported {spec['arch']} {shape} to {out}")
+  return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+  import json
+  import os
+  from mmearth_jax import cards, pretrained
+  if os.path.isfile(args.checkpoint):
+    card = cards.read(args.checkpoint if args.checkpoint.endswith(".json")
+                      else cards.card_path(args.checkpoint))
+  else:
+    card = pretrained.read_card(args.checkpoint)
+  print(json.dumps(card, indent=2) if args.json else cards.format_card(card))
   return 0
 
 
@@ -414,7 +445,9 @@ TO_TORCH = Command(
     "Write {'model': state_dict} (.pth) or .safetensors in the MMEarth, official ConvNeXt V2 "
     "or timm layout (ViT: timm, mae for a full MAE, or scale_mae for a full Scale-MAE in the "
     "released layout). A pretraining wrapper (GFM's student, the dense contrastive model) "
-    "exports its encoder.", _to_torch, (
+    "exports its encoder. The model card goes beside the file as <out>.card.json (e.g. "
+    "atto.pth.card.json) and, for .safetensors, into its metadata (key mmearth_jax.card).",
+    _to_torch, (
         CHECKPOINT,
         arg("--layout", required=True, choices=("mmearth", "official", "timm", "mae", "scale_mae"),
             help="ConvNeXt V2 / MP-MAE: mmearth, official or timm; ViT: timm, mae or scale_mae; "
@@ -444,10 +477,26 @@ FROM_TORCH = Command(
         arg("--bands", default="", help="the encoder's input bands, comma separated (default "
             "from the input channels: 12 = MMEarth's Sentinel-2 input, 13 = all Sentinel-2 "
             "bands, 3 = RGB)"),
+        arg("--band-stats", default="", help="the pretraining data's band statistics for the "
+            "model card: MMEarth's <stem>_band_stats.json, or a shards folder (its "
+            "manifest.json); default: a card written by to-torch beside the file "
+            "(<file>.card.json) or in its .safetensors metadata, else unknown"),
+    ))
+
+INFO = Command(
+    "info", "print a checkpoint's model card",
+    "Print the model card of a checkpoint (training workdir, step folder or model folder), or of "
+    "a PyTorch file written by to-torch (its <file>.card.json, or that JSON file itself): "
+    "method, architecture, input bands and wavelengths, the per-band normalisation of the "
+    "pretraining data and its units, GSD, patch, input and minimum input size, output stride, "
+    "feature width, provenance, and every value that was assumed or is unknown.", _info, (
+        arg("checkpoint", help="training workdir, step folder, model folder, or a to-torch "
+            "file / its .card.json"),
+        arg("--json", action="store_true", help="print the card as JSON"),
     ))
 
 COMMANDS = (SYNTH, CONVERT, VERIFY, INSPECT, TRAIN, EMBED, KNN, PROBE, SEGMENT, TO_TORCH,
-            FROM_TORCH)
+            FROM_TORCH, INFO)
 _BY_NAME = {c.name: c for c in COMMANDS}
 
 
@@ -490,6 +539,13 @@ def main(argv=None) -> int:
           FloatingPointError) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     print(f"mmearth-jax {args.command}: error: {msg}", file=sys.stderr)
+    return 2
+  except ModuleNotFoundError as e:
+    if e.name != "torch":
+      raise
+    # A command that reads or writes a PyTorch file, without the torch extra (mmearth_jax.interop
+    # says which extra to install).
+    print(f"mmearth-jax {args.command}: error: {e.msg}", file=sys.stderr)
     return 2
 
 

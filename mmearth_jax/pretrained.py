@@ -5,8 +5,12 @@ A CHECKPOINT argument is any of
   * a training workdir (its `config.json` and the newest step under `checkpoints/`),
   * one step of a training run (`<workdir>/checkpoints/<step>`),
   * a model folder written by `save` (e.g. by `mmearth-jax from-torch`):
-      <dir>/model.json   {"format": FORMAT, "spec": {...}, "source": "..."}
+      <dir>/model.json   {"format": FORMAT, "spec": {...}, "source": "...", "card": {...}}
       <dir>/params/      the parameters (an Orbax PyTree checkpoint)
+
+Each comes with its model card (`mmearth_jax.cards`): a run's `<workdir>/card.json` (written by
+the trainer when the run starts) with the step filled in, or model.json's "card". Runs and folders
+written before cards get a card computed from the spec (architecture facts only).
 
 A spec is a JSON-able description of the architecture: {"arch": <name>, ...}. Each arch
 belongs to a module of `mmearth_jax.methods`, whose docstring lists its keys: the plain encoders
@@ -30,7 +34,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mmearth_jax import methods
+from mmearth_jax import cards, methods
 from mmearth_jax.config_lib import ConfigError
 
 FORMAT = "mmearth_jax.model/1"
@@ -45,6 +49,11 @@ class Pretrained:
   spec: dict
   params: Any
   source: str  # where it came from, for messages
+  card: dict | None = None  # the model card (`mmearth_jax.cards`); None: the spec's
+
+  def __post_init__(self):
+    if self.card is None:
+      self.card = cards.from_spec(_known(self.spec), {"source": self.source})
 
   @property
   def bands(self) -> list[str] | None:
@@ -122,8 +131,11 @@ def check_images(spec: Mapping[str, Any], images: np.ndarray, what: str) -> None
 # Reading and writing.
 
 
-def save(path: str, spec: Mapping[str, Any], params: Any, *, source: str = "") -> str:
-  """Writes a model folder atomically: a crash leaves no folder that looks complete."""
+def save(path: str, spec: Mapping[str, Any], params: Any, *, source: str = "",
+         card: Mapping[str, Any] | None = None) -> str:
+  """Writes a model folder atomically: a crash leaves no folder that looks complete. `card`
+  defaults to the spec's (`cards.from_spec`)."""
+  card = dict(card) if card is not None else cards.from_spec(_known(spec), {"source": source})
   path = os.path.abspath(path)
   if os.path.exists(path):
     raise CheckpointError(f"{path} exists; choose a new --out or remove it first")
@@ -135,7 +147,8 @@ def save(path: str, spec: Mapping[str, Any], params: Any, *, source: str = "") -
     with ocp.PyTreeCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, "params"), params)
     with open(os.path.join(tmp, "model.json"), "w") as f:
-      json.dump({"format": FORMAT, "spec": dict(spec), "source": source}, f, indent=2)
+      json.dump({"format": FORMAT, "spec": dict(spec), "source": source, "card": card}, f,
+                indent=2)
     os.rename(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -161,7 +174,7 @@ def _as_dict(tree) -> Any:
   return tree
 
 
-def _load_model_dir(path: str) -> Pretrained:
+def _model_meta(path: str) -> dict:
   meta_path = os.path.join(path, "model.json")
   try:
     with open(meta_path) as f:
@@ -170,6 +183,11 @@ def _load_model_dir(path: str) -> Pretrained:
     raise CheckpointError(f"{meta_path}: unreadable ({e})") from e
   if meta.get("format") != FORMAT:
     raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  return meta
+
+
+def _load_model_dir(path: str) -> Pretrained:
+  meta = _model_meta(path)
   pdir = os.path.join(path, "params")
   try:
     tree = _as_dict(ocp.PyTreeCheckpointer().metadata(pdir).item_metadata.tree)
@@ -177,16 +195,34 @@ def _load_model_dir(path: str) -> Pretrained:
   except Exception as e:  # noqa: BLE001 - any read failure: name the folder
     raise CheckpointError(f"{pdir}: cannot read the parameters ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:300]})") from e
-  return Pretrained(dict(meta["spec"]), params, meta.get("source") or path)
+  return Pretrained(dict(meta["spec"]), params, meta.get("source") or path, meta.get("card"))
 
 
-def _load_train_step(step_dir: str, config_path: str) -> Pretrained:
+def _run_spec(config_path: str) -> dict:
   try:
     with open(config_path) as f:
       config = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{config_path}: the run's config is unreadable ({e})") from e
-  spec = spec_from_config(config)
+  return spec_from_config(config)
+
+
+def _step_card(step_dir: str, config_path: str, spec: Mapping[str, Any]) -> dict:
+  """The run's card.json for this step; a run from before model cards gets its spec's."""
+  workdir = os.path.dirname(config_path)
+  path = os.path.join(workdir, "card.json")
+  note = "no card.json: a run from before model cards"
+  if os.path.exists(path):
+    try:
+      return cards.for_step(cards.read(path), step_dir)
+    except ValueError as e:  # the parameters are still good: give the spec's card
+      note = str(e)
+  card = cards.from_spec(_known(spec), {"kind": "trained", "workdir": workdir, "note": note})
+  return cards.for_step(card, step_dir)
+
+
+def _load_train_step(step_dir: str, config_path: str) -> Pretrained:
+  spec = _run_spec(config_path)
   state_dir = os.path.join(step_dir, "state")
   try:
     tree = _as_dict(ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree)
@@ -195,7 +231,7 @@ def _load_train_step(step_dir: str, config_path: str) -> Pretrained:
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"{state_dir}: cannot read the parameters ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:300]})") from e
-  return Pretrained(spec, params, step_dir)
+  return Pretrained(spec, params, step_dir, _step_card(step_dir, config_path, spec))
 
 
 def _steps(ckpt_dir: str) -> list[int]:
@@ -203,25 +239,42 @@ def _steps(ckpt_dir: str) -> list[int]:
                 if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, "state")))
 
 
-def load(path: str) -> Pretrained:
-  """A model from a training workdir, one of its steps, or a model folder (see the module doc)."""
+def _locate(path: str) -> tuple[str, str | None]:
+  """(the model folder or step folder `path` names, the run's config.json for a step, else
+  None); see the module doc."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: no such checkpoint folder")
   if os.path.exists(os.path.join(path, "model.json")):
-    return _load_model_dir(path)
+    return path, None
   if os.path.exists(os.path.join(path, "config.json")):
     ckpt_dir = os.path.join(path, "checkpoints")
     steps = _steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
     if not steps:
       raise CheckpointError(f"{path}: a training workdir without a finished checkpoint in "
                             f"{ckpt_dir}")
-    return _load_train_step(os.path.join(ckpt_dir, str(steps[-1])), os.path.join(path, "config.json"))
+    return os.path.join(ckpt_dir, str(steps[-1])), os.path.join(path, "config.json")
   if os.path.isdir(os.path.join(path, "state")):
     config = os.path.join(os.path.dirname(os.path.dirname(path)), "config.json")
     if not os.path.exists(config):
       raise CheckpointError(f"{path}: a training step, but its run's config {config} is missing")
-    return _load_train_step(path, config)
+    return path, config
   raise CheckpointError(f"{path}: not a checkpoint; expected a training workdir (config.json + "
                         "checkpoints/), a step folder (<workdir>/checkpoints/<step>) or a model "
                         "folder (model.json + params/)")
+
+
+def load(path: str) -> Pretrained:
+  """A model from a training workdir, one of its steps, or a model folder (see the module doc)."""
+  where, config = _locate(path)
+  return _load_model_dir(where) if config is None else _load_train_step(where, config)
+
+
+def read_card(path: str) -> dict:
+  """The model card of a CHECKPOINT (as `load` takes), without reading its parameters."""
+  where, config = _locate(path)
+  if config is not None:
+    return _step_card(where, config, _run_spec(config))
+  meta = _model_meta(where)
+  return meta.get("card") or cards.from_spec(_known(meta["spec"]),
+                                             {"source": meta.get("source") or where})

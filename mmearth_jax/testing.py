@@ -5,7 +5,8 @@
 the published release (`bands.GEOBENCH_BAND_FIXES`, `datasets.GEOBENCH_STATS_SCALE`);
 `write_geobench_segmentation_sample` a segmentation task. The pickles name `geobench` classes:
 stand-ins with the same module paths and attributes are registered while writing, so the files
-read like the release's without the `geobench` package.
+read like the release's without the `geobench` package. `write_eurosat_ms_sample` writes a small
+copy of the EuroSAT MS release (EuroSAT_MS.zip of 13-band GeoTIFFs; needs rasterio).
 
 The library's readers never import this module.
 """
@@ -16,15 +17,17 @@ import json
 import math
 import os
 import pickle
+import shutil
 import sys
 import types
+import zipfile
 from typing import Any, Sequence
 
 import h5py
 import numpy as np
 
-from mmearth_jax.bands import (GEOBENCH_BAND_FIXES, GEOBENCH_RGB, GEOBENCH_S2, GEOBENCH_S2_NAMES,
-                               S2_WAVELENGTH_NM)
+from mmearth_jax.bands import (EUROSAT_MS_BANDS, GEOBENCH_BAND_FIXES, GEOBENCH_RGB, GEOBENCH_S2,
+                               GEOBENCH_S2_NAMES, S2_WAVELENGTH_NM)
 from mmearth_jax.eval import datasets as D
 from mmearth_jax.ops import resize as R
 
@@ -298,3 +301,56 @@ def write_geobench_segmentation_sample(folder: str, *, name: str = "m-cashew-pla
     json.dump(stats, fh, indent=1)
   _write_partitions(out, names, rng)
   return out
+
+
+def write_eurosat_ms_sample(folder: str, *, per_class: int = 5, size: int = 64, seed: int = 0,
+                            archive: bool = True, split_lists: bool = False) -> str:
+  """Writes a small EuroSAT MS release into `folder`; returns the path of `EuroSAT_MS.zip`
+  (`archive`) or of the `EuroSAT_MS` folder.
+
+  Laid out like the release: `EuroSAT_MS/<Class>/<Class>_<i>.tif` (i from 1) for each of the 10
+  classes (`datasets.EUROSAT_CLASSES`), each a 13-band uint16 GeoTIFF in the release's band order
+  (`bands.EUROSAT_MS_BANDS`) on a 10 m UTM grid (EPSG:32632). Each class has its own spectrum
+  (values ~300..5000, like L1C digital numbers), with texture and noise. `split_lists` also
+  writes `eurosat-<split>.txt` beside it, naming images as the published lists do
+  (`<Class>_<i>.jpg`): per class, the first 60 % by number train, the next 20 % val, the rest
+  test.
+  """
+  import rasterio  # the `geo` extra
+  from rasterio.transform import Affine
+
+  if per_class < 1:
+    raise ValueError(f"per_class must be positive, got {per_class}")
+  rng = np.random.default_rng(seed)
+  spectra, band_col = _class_spectra(rng, len(D.EUROSAT_CLASSES))
+  cols = [band_col[b] for b in EUROSAT_MS_BANDS]
+  root = os.path.join(folder, D.EUROSAT_MS_FOLDER)
+  profile = {"driver": "GTiff", "width": size, "height": size, "count": len(cols),
+             "dtype": "uint16", "crs": "EPSG:32632"}
+  lists: dict[str, list[str]] = {s: [] for s in D.EUROSAT_SPLIT_FILES}
+  for label, cls in enumerate(D.EUROSAT_CLASSES):
+    os.makedirs(os.path.join(root, cls), exist_ok=True)
+    for i in range(1, per_class + 1):
+      texture = 1 + 0.1 * rng.standard_normal((size, size, 1))
+      img = spectra[label, cols] * texture + rng.normal(0, 50, (size, size, len(cols)))
+      data = np.clip(np.round(img), 1, 65535).astype(np.uint16).transpose(2, 0, 1)
+      x0, y0 = 500_000 + 1000 * label, 5_500_000 + 1000 * i
+      with rasterio.open(os.path.join(root, cls, f"{cls}_{i}.tif"), "w", **profile,
+                         transform=Affine(10.0, 0.0, x0, 0.0, -10.0, y0)) as dst:
+        dst.write(data)
+      frac = (i - 1) / per_class
+      split = "train" if frac < 0.6 else "val" if frac < 0.8 else "test"
+      lists[split].append(f"{cls}_{i}.jpg")
+  if split_lists:
+    for split, names in lists.items():
+      with open(os.path.join(folder, D.EUROSAT_SPLIT_FILES[split]), "w") as fh:
+        fh.write("\n".join(names) + "\n")
+  if not archive:
+    return root
+  path = os.path.join(folder, D.EUROSAT_MS_FOLDER + ".zip")
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+    for cls in D.EUROSAT_CLASSES:
+      for name in sorted(os.listdir(os.path.join(root, cls))):
+        z.write(os.path.join(root, cls, name), f"{D.EUROSAT_MS_FOLDER}/{cls}/{name}")
+  shutil.rmtree(root)
+  return path

@@ -25,6 +25,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
+from mmearth_jax import cards
 from mmearth_jax import checkpoint as ckpt_lib
 from mmearth_jax import config_lib
 from mmearth_jax import methods
@@ -63,12 +64,14 @@ class Run:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
-          log: Callable[[str], None] | None = None) -> dict:
-  """Trains (or resumes) in `workdir`; returns the last logged metrics."""
+          log: Callable[[str], None] | None = None, *,
+          provenance: Mapping[str, Any] | None = None) -> dict:
+  """Trains (or resumes) in `workdir`; returns the last logged metrics. `provenance` adds to
+  the model card's (e.g. {"config": "mp_mae:atto", "overrides": [...]}, as the CLI gives)."""
   check_config(config)
   is_main = jax.process_index() == 0
   log = log or (lambda msg: print(msg, flush=True) if is_main else None)
-  run = setup(config, workdir, log)
+  run = setup(config, workdir, log, provenance)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   try:
     return loop(run, writer)
@@ -97,9 +100,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # Setup.
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None]) -> Run:
-  """Mesh, data, the method's task, optimiser, sharded state (restored or initialised), the
-  step compiled ahead of time (surfaces out-of-memory before the loop starts) and evaluators."""
+def setup(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None],
+          provenance: Mapping[str, Any] | None = None) -> Run:
+  """Mesh, data, the method's task, the model card (`<workdir>/card.json`), optimiser, sharded
+  state (restored or initialised), the step compiled ahead of time (surfaces out-of-memory
+  before the loop starts) and evaluators."""
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -118,6 +123,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
     task = method.task(config, info)
   except config_lib.ConfigError as e:
     raise TrainingError(str(e)) from e
+  if jax.process_index() == 0:
+    _write_card(config, info, workdir, provenance)
   # Shapes for init; the iterator is rewound (or moved by the restore) afterwards.
   fresh = data_iter.get_state()
   example_batch = next(data_iter)
@@ -140,6 +147,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], 
   evaluator = _make_evaluator(config, info.bands, mesh, log)
   return Run(config, workdir, mesh, batch_sharding, data_iter, task, total, state, step_fn,
              flops, checkpointer, evaluator, log)
+
+
+def _write_card(config: ml_collections.ConfigDict, info: methods.DataInfo, workdir: str,
+                provenance: Mapping[str, Any] | None) -> None:
+  """`<workdir>/card.json`: the model card of this run's checkpoints (their loads add the step)."""
+  try:
+    card = cards.for_training(config, pretrained.spec_from_config(config), info, workdir,
+                              provenance)
+  except (pretrained.CheckpointError, ValueError) as e:
+    raise TrainingError(f"cannot write the model card: {e}") from e
+  cards.write(card, os.path.join(workdir, "card.json"))
 
 
 def _schedule(config: ml_collections.ConfigDict, num_records: int

@@ -17,7 +17,8 @@ FLAGS = {
             "--scales", "--gsd", "--k"],
     "segment": ["--config"],
     "to-torch": ["--checkpoint", "--layout", "--out", "--check"],
-    "from-torch": ["--checkpoint", "--out", "--model", "--bands"],
+    "from-torch": ["--checkpoint", "--out", "--model", "--bands", "--band-stats"],
+    "info": ["checkpoint", "--json"],
 }
 FLAGS["probe"] = [f for f in FLAGS["knn"] if f != "--k"] + ["--kind"]
 

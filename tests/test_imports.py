@@ -1,4 +1,5 @@
-"""The import rules of the package, checked on the source (nothing is imported):
+"""The import rules of the package, checked on the source (nothing is imported), and one check
+in a fresh interpreter without PyTorch:
 
   * no import cycle between mmearth_jax modules (module-level and function-level imports);
   * no private name (`_x`) of one mmearth_jax module used by another, by `from ... import _x`
@@ -10,7 +11,11 @@
   * no library module imports `mmearth_jax.testing` (the fake-dataset writers of tests/demos);
   * the recipes (`configs/`, installed as `mmearth_jax.configs`) import only
     `mmearth_jax.config_lib` and `mmearth_jax.models.variants`, plus `mmearth_jax.interop.*`
-    lazily (inside a function or under `if __name__ == "__main__"`: the torch helpers).
+    lazily (inside a function or under `if __name__ == "__main__"`: the torch helpers);
+  * torch (an extra) is imported at module level only by `mmearth_jax.interop.*`, and nothing
+    else imports `mmearth_jax.interop` at module level; without torch, the command line,
+    training, evaluation and embeddings of our own checkpoints run, and reading or writing a
+    PyTorch file fails naming the extra to install.
 
 `from pkg import sub` is an edge to the submodule `pkg.sub`; a package importing its own
 submodule is an ordinary edge (no cycle unless the submodule imports the package back).
@@ -19,10 +24,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import os
 import pkgutil
+import subprocess
+import sys
 
 import pytest
+from _env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "mmearth_jax"
@@ -306,3 +315,109 @@ def test_configs_import_only_config_lib_and_variants():
                    f"{'' if imp.name is None else ' import ' + imp.name}"
                    f"{' (in a function)' if imp.lazy else ''}")
   assert not bad, "configs import more than config_lib / models.variants:\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch is an extra (`pip install 'mmearth_jax[torch]'`): only mmearth_jax.interop imports it.
+
+
+def _torch_imports(tree: ast.AST) -> list[tuple[str, int, bool]]:
+  """(module, line, lazy) of every import of torch or of a torch submodule in `tree`."""
+  found = []
+
+  def visit(node: ast.AST, lazy: bool) -> None:
+    for child in ast.iter_child_nodes(node):
+      inner = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) or (
+          _is_main_guard(child))
+      names = ([a.name for a in child.names] if isinstance(child, ast.Import) else
+               [child.module or ""] if isinstance(child, ast.ImportFrom) and not child.level else
+               [])
+      found.extend((n, child.lineno, lazy) for n in names
+                   if n == "torch" or n.startswith("torch.") or n == "safetensors.torch")
+      visit(child, inner)
+
+  visit(tree, False)
+  return found
+
+
+def test_only_interop_imports_torch_at_module_level():
+  """Outside mmearth_jax.interop, torch (and interop itself) is imported inside the functions
+  that read or write a PyTorch file, so the rest of the package imports without the extra."""
+  bad = []
+  for m, (imports, _, tree) in SCANNED.items():
+    if m == "mmearth_jax.interop" or m.startswith("mmearth_jax.interop."):
+      continue
+    bad += [f"{_relative(MODULES[m])}:{line}: {name}" for name, line, lazy in _torch_imports(tree)
+            if not lazy]
+    bad += [f"{_relative(MODULES[m])}:{imp.line}: {imp.target}" for imp in imports
+            if not imp.lazy and imp.target.startswith("mmearth_jax.interop")]
+  assert not bad, "module-level imports of torch outside mmearth_jax.interop:\n" + "\n".join(bad)
+
+
+# Run in a fresh interpreter in which `import torch` fails as if torch were not installed.
+WITHOUT_TORCH = r"""
+import sys
+sys.modules["torch"] = None  # `import torch` now raises ModuleNotFoundError (name "torch")
+import contextlib, importlib, io, json, os, pkgutil
+import numpy as np
+
+shards, tmp = sys.argv[1:3]
+import mmearth_jax.eval
+modules = ["mmearth_jax.cli", "mmearth_jax.pretrained", "mmearth_jax.train",
+           *(m.name for m in pkgutil.iter_modules(mmearth_jax.eval.__path__, "mmearth_jax.eval."))]
+for name in modules:
+  importlib.import_module(name)
+
+import jax
+import jax.numpy as jnp
+from mmearth_jax import cli, pretrained
+
+spec = {"arch": "convnextv2", "depths": [1, 1, 1, 1], "dims": [8, 16, 16, 16], "stem": "mmearth",
+        "patch_size": 8, "in_chans": 3, "num_classes": 0, "bands": ["B4", "B3", "B2"]}
+params = pretrained.build(spec).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+model = pretrained.save(os.path.join(tmp, "model"), spec, params, source="test")
+np.save(os.path.join(tmp, "tiles.npy"), np.zeros((2, 32, 32, 3), np.float32))
+from safetensors.numpy import save_file  # numpy only: safetensors itself needs no torch
+save_file({"stem.0.weight": np.zeros((8, 3, 4, 4), np.float32)}, os.path.join(tmp, "w.safetensors"))
+
+def run(*argv):
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    code = cli.main(argv)
+  return [code, err.getvalue()]
+
+out = {
+    "imported": modules,
+    "embed": run("embed", "--checkpoint", model, "--images", os.path.join(tmp, "tiles.npy"),
+                 "--out", os.path.join(tmp, "emb.npy")),
+    "knn": run("knn", "--checkpoint", model, "--dataset", "mmearth:" + shards, "--k", "3"),
+    "to-torch": run("to-torch", "--checkpoint", model, "--layout", "mmearth",
+                    "--out", os.path.join(tmp, "m.pth")),
+    "from-torch safetensors": run("from-torch", "--checkpoint", os.path.join(tmp, "w.safetensors"),
+                                  "--out", os.path.join(tmp, "imported")),
+    "torch still absent": sys.modules["torch"] is None,
+}
+try:
+  import mmearth_jax.interop.torch_io
+except ModuleNotFoundError as e:
+  out["import torch_io"] = [e.name, e.msg]
+print(json.dumps(out))
+"""
+
+
+def test_without_torch_the_package_runs_and_torch_files_name_the_extra(shards64, tmp_path):
+  out = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, shards64, str(tmp_path)],
+                       env=cpu_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert {"mmearth_jax.eval.knn", "mmearth_jax.eval.segmentation"} <= set(got["imported"])
+  assert got["embed"] == [0, ""] and got["knn"][0] == 0, got
+  assert (tmp_path / "emb.npy").exists() and got["torch still absent"]
+  hint = "pip install 'mmearth_jax[torch]'"
+  for command in ("to-torch", "from-torch"):
+    code, err = got[command if command == "to-torch" else "from-torch safetensors"]
+    assert code == 2 and err.startswith(f"mmearth-jax {command}: error: PyTorch is not installed")
+    assert hint in err and "Traceback" not in err, err
+  assert not (tmp_path / "m.pth").exists() and not (tmp_path / "imported").exists()
+  name, msg = got["import torch_io"]
+  assert name == "torch" and hint in msg

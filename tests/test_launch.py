@@ -1,5 +1,8 @@
-"""Multi-process start-up: where the coordinator comes from, and the launch scripts' checks."""
+"""Multi-process start-up: where the coordinator comes from, and the launch scripts' checks and
+install lines."""
+import ast
 import os
+import re
 import subprocess
 
 import pytest
@@ -55,3 +58,28 @@ def test_launchers_fail_early_naming_what_is_missing(script, env, message):
                        timeout=30)
   assert out.returncode != 0
   assert message in out.stderr, out.stderr
+
+
+def _extras() -> set[str]:
+  """The keys of setup.py's extras_require, read from its source."""
+  tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+  call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") ==
+              "setup")
+  (extras,) = [k.value for k in call.keywords if k.arg == "extras_require"]
+  return {k.value for k in extras.keys}
+
+
+@pytest.mark.parametrize("script", ["local.sh", "slurm_gpu.sbatch", "tpu_pod.sh"])
+def test_launchers_install_through_the_extras(script):
+  """No launcher pins JAX by hand: they install the package with its `tpu` / `cuda12` extra
+  (setup.py keeps the one JAX range), and every extra they name exists."""
+  text = open(os.path.join(REPO, "launch", script)).read()
+  pinned = re.search(r"(?<![\w-])jax(\[|[<>=~])", text)  # jax[tpu], jax>=..; not mmearth_jax[..]
+  assert not pinned, f"{script} names a JAX build or version itself"
+  named = set(re.findall(r"\[([a-z0-9_,]+)\]'", text))
+  assert named, f"{script} names no extra to install with"
+  assert {e for n in named for e in n.split(",")} <= _extras(), named
+  if script == "tpu_pod.sh":
+    assert "python3 -m pip install -q -U -e './mmearth_jax[tpu]'" in text
+  if script == "slurm_gpu.sbatch":
+    assert "[cuda12]'" in text

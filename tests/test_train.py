@@ -240,14 +240,6 @@ def test_remat_and_bfloat16_switches():
 # ----------------------------------------------------------------------- checkpoints and resume
 
 
-@pytest.fixture(scope="module")
-def reference_run(shards64, tmp_path_factory, jax_compilation_cache):
-  """12 uninterrupted steps on the 8-device mesh data=2 x fsdp=4."""
-  workdir = tmp_path_factory.mktemp("reference")
-  rows = run(shards64, workdir, "train.num_steps=12", "mesh.fsdp=4")
-  return workdir, rows
-
-
 def test_metrics_jsonl_and_tensorboard(reference_run):
   workdir, rows = reference_run
   assert sorted(rows) == list(range(1, 13))

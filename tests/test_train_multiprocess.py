@@ -11,19 +11,11 @@ import sys
 
 import pytest
 from _env import REPO, cpu_env
-from test_train import CONFIG, kill_after_checkpoint, losses, run, tiny
+from test_train import CONFIG, kill_after_checkpoint, losses, tiny
 
 from mmearth_jax import metrics
 
 pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
-
-
-@pytest.fixture(scope="module")
-def reference_run(shards64, tmp_path_factory):
-  """12 uninterrupted steps on the 8-device mesh data=2 x fsdp=4 (as test_train's)."""
-  workdir = tmp_path_factory.mktemp("reference")
-  rows = run(shards64, workdir, "train.num_steps=12", "mesh.fsdp=4")
-  return workdir, rows
 
 
 def test_two_processes_train_die_resume_and_match_one_process(shards64, reference_run, tmp_path):

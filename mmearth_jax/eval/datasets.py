@@ -9,6 +9,9 @@ Sentinel-2 names such as `S2_INPUT_BANDS` or `("B4", "B3", "B2")`), normalised. 
     tfds:<name>              a prepared TFDS dataset: eurosat[/all|/rgb], so2sat[/all|/rgb],
                              bigearthnet[/all|/rgb] (no config: the all-bands one)
     mmearth:<shards folder>  our converted MMEarth shards, labelled by land cover
+    eurosat_ms:<folder|zip>  the EuroSAT MS release read with rasterio (the `geo` extra): its
+                             EuroSAT_MS.zip, or the folder it was extracted into (holding
+                             EuroSAT_MS/<Class>/<Class>_<i>.tif), or EuroSAT_MS/ itself
 
 A relative path or TFDS name is resolved against `data_dir` (TFDS: its data_dir).
 
@@ -36,12 +39,25 @@ Normalisation:
             `TFDS_STATS_EXAMPLES` evenly spaced examples, cached per (dataset, data_dir).
   mmearth   exactly the training pipeline's z-score (`pipeline.Transform`): manifest band
             stats by the tile's S2_type, no-data pixels set to 0.
+  eurosat_ms
+            the files hold Sentinel-2 L1C digital numbers, MMEarth's units: given the
+            encoder's model card (`card`, `mmearth_jax.cards`) with L1C statistics, z-scored with
+            those (what the encoder was pretrained with; no-data, raw 0, set to 0 as the pipeline
+            does); otherwise like tfds, with the train split's statistics
+            (`EUROSAT_STATS_EXAMPLES`). `EvalData.notes` says which.
   NaN or inf after normalisation becomes 0. A band with std 0 is only centred.
 
-`image_size`: geobench and tfds images are resized (`ops.resize`: bilinear, antialiased when
-shrinking, half-pixel centres, edge-clamped: like `jax.image.resize(method="linear")`); mmearth
-tiles are centre-cropped. Memory: the whole split is held as float32, e.g. m-bigearthnet's 20k
-train images at 120 px with 12 bands are 14 GB; pass `image_size` or `max_examples` to bound it.
+EuroSAT MS splits (`eurosat_ms_split_names`): the published train / val / test lists
+(`EUROSAT_SPLIT_FILES`, Neumann et al. 2019, which torchgeo uses) when they lie beside the data
+(in the folder given, beside EuroSAT_MS/ or beside the zip); otherwise a seeded split of each
+class, 60 / 20 / 20 (the lists' proportions). Either way a split's images come in a seeded random
+order, so `max_examples` keeps a random subset of about the split's class balance.
+
+`image_size`: geobench, tfds and eurosat_ms images are resized (`ops.resize`: bilinear,
+antialiased when shrinking, half-pixel centres, edge-clamped: like
+`jax.image.resize(method="linear")`); mmearth tiles are centre-cropped. Memory: the whole split
+is held as float32, e.g. m-bigearthnet's 20k train images at 120 px with 12 bands are 14 GB
+(EuroSAT MS's 27k images at 64 px, 5.3 GB); pass `image_size` or `max_examples` to bound it.
 
 Segmentation (`load_segmentation` -> `SegmentationData`: the same images plus a per-pixel class
 map, -1 = no label):
@@ -54,12 +70,14 @@ map, -1 = no label):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
-from typing import Any, Sequence
+import zipfile
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -83,6 +101,7 @@ class EvalData:
   class_names: list[str] | None
   name: str  # e.g. "m-eurosat/train"
   mapping: BandMapping | None = None  # how dataset channels became encoder channels
+  notes: tuple[str, ...] = ()  # how the split was chosen and normalised, where a source says
 
 
 FILL_NEAREST = "nearest"
@@ -183,6 +202,38 @@ def _center_crop(x: np.ndarray, size: int) -> np.ndarray:
   return x[top:top + size, left:left + size]
 
 
+class _ChannelStats:
+  """Per-channel mean and std over the finite pixels of images added one by one (Chan et al.'s
+  pairwise update: stable for large reflectance values)."""
+
+  def __init__(self, channels: int):
+    self.count = 0
+    self.mean = np.zeros(channels)
+    self.m2 = np.zeros(channels)
+
+  def add(self, image: np.ndarray) -> None:
+    x = image.reshape(-1, self.mean.size).astype(np.float64)
+    x = x[np.isfinite(x).all(1)]
+    if not len(x):
+      return
+    nb, mb = len(x), x.mean(0)
+    m2b = ((x - mb) ** 2).sum(0)
+    delta = mb - self.mean
+    tot = self.count + nb
+    self.mean = self.mean + delta * nb / tot
+    self.m2 = self.m2 + m2b + delta ** 2 * self.count * nb / tot
+    self.count = tot
+
+  def result(self) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std), or None when no finite pixel was added."""
+    return (self.mean, np.sqrt(self.m2 / self.count)) if self.count else None
+
+
+def _evenly_spaced(n: int, k: int) -> np.ndarray:
+  """At most `k` indices spread evenly over range(n), ascending."""
+  return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(int))
+
+
 def _zscore_params(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
   """(mean, 1/std) with degenerate entries made harmless (std 0/NaN: only centre)."""
   mean = np.asarray(mean, np.float64)
@@ -209,13 +260,15 @@ def _check_size(image_size: int | None) -> None:
 def load(dataset: str, split: str, bands: Sequence[str], *, data_dir: str | None = None,
          partition: str = "default", max_examples: int | None = None,
          image_size: int | None = None, fill: str = FILL_NEAREST,
-         fix_band_names: bool = True) -> EvalData:
+         fix_band_names: bool = True, card: Mapping[str, Any] | None = None) -> EvalData:
   """One split of a downstream dataset, in the encoder's band order (see the module docstring).
 
   Args:
-    dataset: "geobench:<task folder>", "tfds:<name>" or "mmearth:<shards folder>".
+    dataset: "geobench:<task folder>", "tfds:<name>", "mmearth:<shards folder>" or
+      "eurosat_ms:<folder or zip>".
     split: geobench "train" / "valid" (or "val") / "test"; TFDS any split string of the prepared
-      dataset ("train", "train[:80%]"); mmearth "train" / "test".
+      dataset ("train", "train[:80%]"); mmearth "train" / "test"; eurosat_ms "train" / "val" /
+      "test".
     bands: the encoder's input bands, MMEarth Sentinel-2 names.
     data_dir: base folder for a relative path (geobench, mmearth) or the TFDS data_dir.
     partition: GEO-Bench partition, e.g. "default" or "0.01x_train" (`<name>_partition.json`).
@@ -223,14 +276,16 @@ def load(dataset: str, split: str, bands: Sequence[str], *, data_dir: str | None
     image_size: resize (geobench, tfds) or centre-crop (mmearth) to this size.
     fill: how an encoder band the dataset lacks is filled, "nearest" (MMEarth) or "zero".
     fix_band_names: correct GEO-Bench tasks published with wrong band names.
+    card: the encoder's model card (`Pretrained.card`); eurosat_ms z-scores with its L1C
+      statistics when it has them. The other sources normalise as the module docstring says.
   """
   _check_size(image_size)
   if max_examples is not None and max_examples < 1:
     raise EvalDataError(f"max_examples must be positive or None, got {max_examples}")
   kind, sep, target = dataset.partition(":")
   if not sep or not target:
-    raise EvalDataError(f"dataset {dataset!r}: expected geobench:<task folder>, tfds:<name> or "
-                        "mmearth:<shards folder>")
+    raise EvalDataError(f"dataset {dataset!r}: expected geobench:<task folder>, tfds:<name>, "
+                        "mmearth:<shards folder> or eurosat_ms:<folder or zip>")
   bands = tuple(bands)
   if kind == "geobench":
     return _load_geobench(_resolve(target, data_dir), split, bands, partition, max_examples,
@@ -239,8 +294,11 @@ def load(dataset: str, split: str, bands: Sequence[str], *, data_dir: str | None
     return _load_tfds(target, split, bands, data_dir, max_examples, image_size, fill)
   if kind == "mmearth":
     return _load_mmearth(_resolve(target, data_dir), split, bands, max_examples, image_size, fill)
-  raise EvalDataError(f"dataset {dataset!r}: unknown prefix {kind!r}; use geobench:, tfds: or "
-                      "mmearth:")
+  if kind == "eurosat_ms":
+    return _load_eurosat_ms(_resolve(target, data_dir), split, bands, max_examples, image_size,
+                            fill, card)
+  raise EvalDataError(f"dataset {dataset!r}: unknown prefix {kind!r}; use geobench:, tfds:, "
+                      "mmearth: or eurosat_ms:")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +512,7 @@ def _load_geobench(folder: str, split: str, bands: tuple[str, ...], partition: s
 
 
 def _finish(images: list[np.ndarray], labels: list, info: dict, name: str,
-            mapping: BandMapping) -> EvalData:
+            mapping: BandMapping, notes: Sequence[str] = ()) -> EvalData:
   shapes = {im.shape for im in images}
   if len(shapes) > 1:
     raise EvalDataError(f"{name}: images of different shapes {sorted(shapes)}; pass image_size")
@@ -470,7 +528,7 @@ def _finish(images: list[np.ndarray], labels: list, info: dict, name: str,
       raise EvalDataError(f"{name}: labels {sorted(set(bad.tolist()))[:5]} outside "
                           f"[0, {info['num_classes']})")
   return EvalData(np.stack(images).astype(np.float32, copy=False), y, int(info["num_classes"]),
-                  bool(info["multilabel"]), info.get("class_names"), name, mapping)
+                  bool(info["multilabel"]), info.get("class_names"), name, mapping, tuple(notes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,8 +561,9 @@ _TFDS_STATS_CACHE: dict[tuple[str, str | None], tuple[np.ndarray, np.ndarray]] =
 
 
 def clear_cache() -> None:
-  """Forgets the cached TFDS train statistics."""
+  """Forgets the cached train statistics (TFDS, EuroSAT MS)."""
   _TFDS_STATS_CACHE.clear()
+  _EUROSAT_STATS_CACHE.clear()
 
 
 def _tfds_name(name: str) -> tuple[str, str, _TfdsSpec]:
@@ -570,27 +629,13 @@ def _tfds_stats(full: str, spec: _TfdsSpec, data_dir: str | None
   key = (full, data_dir)
   if key not in _TFDS_STATS_CACHE:
     ds = _tfds_source(full, "train", data_dir)
-    n = len(ds)
-    idx = np.unique(np.linspace(0, n - 1, min(n, TFDS_STATS_EXAMPLES)).round().astype(int))
-    count = 0
-    mean = np.zeros(len(spec.bands))
-    m2 = np.zeros(len(spec.bands))
-    for i in idx:
-      x = _tfds_image(ds[int(i)], spec).reshape(-1, len(spec.bands)).astype(np.float64)
-      x = x[np.isfinite(x).all(1)]
-      if not len(x):
-        continue
-      # Chan et al.'s pairwise update: stable for large reflectance values.
-      nb, mb = len(x), x.mean(0)
-      m2b = ((x - mb) ** 2).sum(0)
-      delta = mb - mean
-      tot = count + nb
-      mean = mean + delta * nb / tot
-      m2 = m2 + m2b + delta ** 2 * count * nb / tot
-      count = tot
-    if count == 0:
+    acc = _ChannelStats(len(spec.bands))
+    for i in _evenly_spaced(len(ds), TFDS_STATS_EXAMPLES):
+      acc.add(_tfds_image(ds[int(i)], spec))
+    stats = acc.result()
+    if stats is None:
       raise EvalDataError(f"tfds:{full}: the train split has no finite pixels to normalise with")
-    _TFDS_STATS_CACHE[key] = (mean, np.sqrt(m2 / count))
+    _TFDS_STATS_CACHE[key] = stats
   return _TFDS_STATS_CACHE[key]
 
 
@@ -735,6 +780,275 @@ def _load_mmearth(folder: str, split: str, bands: tuple[str, ...], max_examples:
 
 
 # ---------------------------------------------------------------------------------------------
+# EuroSAT MS: the release's GeoTIFFs (EuroSAT_MS.zip).
+
+EUROSAT_MS_FOLDER = "EuroSAT_MS"
+# The release's class folders; labels number them alphabetically, as TFDS and torchgeo do.
+EUROSAT_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
+                   "Pasture", "PermanentCrop", "Residential", "River", "SeaLake")
+# The published split lists (Neumann et al. 2019, "In-domain representation learning for remote
+# sensing"; torchgeo reads them): one image per line, named as in the RGB release
+# (`<Class>_<i>.jpg`), with their MD5 as torchgeo checks them. 16,200 / 5,400 / 5,400 images.
+EUROSAT_SPLIT_FILES = {"train": "eurosat-train.txt", "val": "eurosat-val.txt",
+                       "test": "eurosat-test.txt"}
+EUROSAT_SPLIT_MD5 = {"train": "908f142e73d6acdf3f482c5e80d851b1",
+                     "val": "95de90f2aa998f70a3b2416bfe0687b4",
+                     "test": "7ae5ab94471417b6e315763121e67c5f"}
+# Without the lists: each class split by a seeded permutation in the lists' proportions.
+EUROSAT_SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
+EUROSAT_SEED = 0
+EUROSAT_STATS_EXAMPLES = 2000
+_EUROSAT_SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val",
+                   "test": "test"}
+_EUROSAT_MEMBER = re.compile(r"^(?:.*/)?([A-Za-z]+)/([A-Za-z]+)_(\d+)\.tif$")
+_EUROSAT_STATS_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _rasterio():
+  try:
+    import rasterio  # the `geo` extra: only when GeoTIFFs are read
+  except ModuleNotFoundError as e:
+    if e.name != "rasterio":
+      raise
+    raise ModuleNotFoundError("reading the EuroSAT MS GeoTIFFs needs rasterio: pip install "
+                              "'mmearth_jax[geo]'", name="rasterio") from None
+  return rasterio
+
+
+@dataclasses.dataclass(frozen=True)
+class _EuroSATFiles:
+  """The images of a EuroSAT MS copy: a folder of class folders, or the zip."""
+  where: str  # the class folders' parent, or the zip
+  archive: bool  # `where` is a zip; paths are its members
+  files: dict[str, tuple[str, int]]  # "<Class>_<i>.tif" -> (path or member, label)
+  list_dirs: tuple[str, ...]  # where the split lists are looked for
+
+
+def _key(name: str) -> tuple[int, int]:
+  """Sort key of "<Class>_<i>.tif": class, then number."""
+  cls, _, num = name[:-len(".tif")].rpartition("_")
+  return EUROSAT_CLASSES.index(cls), int(num)
+
+
+def _eurosat_entries(paths: Sequence[str]) -> dict[str, tuple[str, int]]:
+  """The release's images among `paths` ("<...>/<Class>/<Class>_<i>.tif", a known class)."""
+  out = {}
+  for p in paths:
+    m = _EUROSAT_MEMBER.match(p.replace(os.sep, "/"))
+    if m and m.group(1) == m.group(2) and m.group(1) in EUROSAT_CLASSES:
+      out[f"{m.group(1)}_{m.group(3)}.tif"] = (p, EUROSAT_CLASSES.index(m.group(1)))
+  return out
+
+
+def _class_root(folder: str) -> str | None:
+  """`folder`/EuroSAT_MS, or `folder` itself, whichever holds class folders."""
+  for root in (os.path.join(folder, EUROSAT_MS_FOLDER), folder):
+    if os.path.isdir(root) and any(os.path.isdir(os.path.join(root, c)) for c in EUROSAT_CLASSES):
+      return root
+  return None
+
+
+def _eurosat_files(target: str) -> _EuroSATFiles:
+  """Finds the images of `eurosat_ms:<target>` (see the module docstring)."""
+  target = os.path.normpath(target)
+  if os.path.isdir(target) and _class_root(target) is None:
+    inner = os.path.join(target, EUROSAT_MS_FOLDER + ".zip")
+    if os.path.isfile(inner):
+      target = inner
+  if os.path.isfile(target):
+    try:
+      with zipfile.ZipFile(target) as z:
+        files = _eurosat_entries(z.namelist())
+    except zipfile.BadZipFile as e:
+      raise EvalDataError(f"{target}: not a readable zip ({e}); expected EuroSAT_MS.zip") from None
+    where, archive, dirs = target, True, (os.path.dirname(target),)
+  else:
+    root = _class_root(target) if os.path.isdir(target) else None
+    if root is None:
+      raise EvalDataError(f"eurosat_ms:{target}: expected EuroSAT_MS.zip, or a folder holding "
+                          f"{EUROSAT_MS_FOLDER}/<Class>/<Class>_<i>.tif (the extracted zip)")
+    paths = [os.path.join(root, c, f) for c in EUROSAT_CLASSES
+             if os.path.isdir(os.path.join(root, c)) for f in os.listdir(os.path.join(root, c))]
+    files = _eurosat_entries([os.path.relpath(p, root) for p in paths])
+    files = {n: (os.path.join(root, p), y) for n, (p, y) in files.items()}
+    where, archive = root, False
+    dirs = tuple(dict.fromkeys((target, root, os.path.dirname(root))))
+  if not files:
+    raise EvalDataError(f"eurosat_ms:{target}: no <Class>/<Class>_<i>.tif images of the classes "
+                        f"{', '.join(EUROSAT_CLASSES)}")
+  return _EuroSATFiles(where, archive, files, dirs)
+
+
+def _split_list(ef: _EuroSATFiles, split: str) -> tuple[list[str], str] | None:
+  """(images, note) of the published list of `split` if it lies beside the data, else None."""
+  for folder in ef.list_dirs:
+    path = os.path.join(folder, EUROSAT_SPLIT_FILES[split])
+    if not os.path.isfile(path):
+      continue
+    lacking = [n for n in EUROSAT_SPLIT_FILES.values()
+               if not os.path.isfile(os.path.join(folder, n))]
+    if lacking:  # a list beside a seeded split of the rest would overlap it
+      raise EvalDataError(f"{folder}: has {EUROSAT_SPLIT_FILES[split]} but not {lacking}; the "
+                          "published split needs all three lists (none: a seeded split)")
+    with open(path) as f:
+      # Named as in the RGB release: "Forest_12.jpg" is the GeoTIFF "Forest_12.tif".
+      names = [os.path.splitext(os.path.basename(line.strip()))[0] + ".tif" for line in f
+               if line.strip()]
+    missing = [n for n in names if n not in ef.files]
+    if missing:
+      raise EvalDataError(f"{path}: lists {len(missing)} of its {len(names)} images that "
+                          f"{ef.where} lacks (first {missing[:3]}); the lists are for the whole "
+                          "release: remove them to split what is here by a seeded permutation")
+    return names, f"split {split}: the published list {path} ({len(names)} images)"
+  return None
+
+
+def _seeded_split(ef: _EuroSATFiles, split: str) -> tuple[list[str], str]:
+  """Each class in a seeded random order, cut 60 / 20 / 20 (`EUROSAT_SPLIT_FRACTIONS`)."""
+  by_class: dict[int, list[str]] = {}
+  for name in sorted(ef.files, key=_key):
+    by_class.setdefault(ef.files[name][1], []).append(name)
+  order = list(EUROSAT_SPLIT_FRACTIONS)
+  out = []
+  for label, names in by_class.items():
+    perm = np.random.default_rng([EUROSAT_SEED, label]).permutation(len(names))
+    n_train = int(round(EUROSAT_SPLIT_FRACTIONS["train"] * len(names)))
+    n_val = int(round(EUROSAT_SPLIT_FRACTIONS["val"] * len(names)))
+    cuts = {"train": (0, n_train), "val": (n_train, n_train + n_val),
+            "test": (n_train + n_val, len(names))}
+    lo, hi = cuts[split]
+    out += [names[i] for i in perm[lo:hi]]
+  fractions = " / ".join(f"{round(100 * EUROSAT_SPLIT_FRACTIONS[s])}" for s in order)
+  return out, (f"split {split}: seeded stratified {fractions} % of each class (seed "
+               f"{EUROSAT_SEED}; no {EUROSAT_SPLIT_FILES[split]} beside the data)")
+
+
+def eurosat_ms_split_names(target: str, split: str) -> tuple[list[str], str]:
+  """(image file names "<Class>_<i>.tif", a note saying how they were chosen) of one split of
+  the EuroSAT MS copy `target` (a folder or the zip), in the split's seeded random order."""
+  key = _EUROSAT_SPLITS.get(split)
+  if key is None:
+    raise EvalDataError(f"eurosat_ms:{target}: split must be train, val or test, got {split!r}")
+  return _eurosat_split(_eurosat_files(target), key)
+
+
+def _eurosat_split(ef: _EuroSATFiles, split: str) -> tuple[list[str], str]:
+  names, note = _split_list(ef, split) or _seeded_split(ef, split)
+  if not names:
+    raise EvalDataError(f"eurosat_ms:{ef.where}: split {split!r} is empty ({note})")
+  names = sorted(names, key=_key)
+  perm = np.random.default_rng(EUROSAT_SEED).permutation(len(names))
+  return [names[i] for i in perm], note
+
+
+@contextlib.contextmanager
+def _eurosat_reader(ef: _EuroSATFiles) -> Iterator[Callable[[str], np.ndarray]]:
+  """read(name) -> the image's 13 bands as float32 (H, W, 13), in the file's order."""
+  rasterio = _rasterio()
+  archive = zipfile.ZipFile(ef.where) if ef.archive else None
+
+  def read(name: str) -> np.ndarray:
+    path = ef.files[name][0]
+    where = f"{ef.where}!{path}" if archive else path
+    try:
+      if archive is None:
+        with rasterio.open(path) as src:
+          x = src.read()
+      else:
+        with rasterio.MemoryFile(archive.read(path)) as mem, mem.open() as src:
+          x = src.read()
+    except (rasterio.errors.RasterioError, OSError, zipfile.BadZipFile) as e:
+      raise EvalDataError(f"{where}: cannot read as a GeoTIFF ({e})") from None
+    if x.ndim != 3 or x.shape[0] != len(B.EUROSAT_MS_BANDS):
+      raise EvalDataError(f"{where}: {x.shape[0] if x.ndim == 3 else 'no'} bands; EuroSAT MS "
+                          f"images hold {len(B.EUROSAT_MS_BANDS)} "
+                          f"({', '.join(B.EUROSAT_MS_BANDS)})")
+    return np.moveaxis(x, 0, -1).astype(np.float32)
+
+  try:
+    yield read
+  finally:
+    if archive is not None:
+      archive.close()
+
+
+def _eurosat_stats(ef: _EuroSATFiles, read: Callable[[str], np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-band (mean, std) of at most EUROSAT_STATS_EXAMPLES images of the train split."""
+  names, _ = _eurosat_split(ef, "train")
+  key = (ef.where, hashlib.sha256("\n".join(names).encode()).hexdigest())
+  if key not in _EUROSAT_STATS_CACHE:
+    acc = _ChannelStats(len(B.EUROSAT_MS_BANDS))
+    for i in _evenly_spaced(len(names), EUROSAT_STATS_EXAMPLES):
+      acc.add(read(names[i]))
+    stats = acc.result()
+    if stats is None:
+      raise EvalDataError(f"eurosat_ms:{ef.where}: the train split has no finite pixels to "
+                          "normalise with")
+    _EUROSAT_STATS_CACHE[key] = stats
+  return _EUROSAT_STATS_CACHE[key]
+
+
+def _card_l1c(card: Mapping[str, Any] | None, bands: tuple[str, ...]) -> str | None:
+  """Why the card cannot normalise L1C images of `bands` (None: it can)."""
+  if card is None:
+    return "no model card given"
+  if not any(k.lower() == "l1c" for k in card.get("normalisation") or {}):
+    return "the model card has no L1C statistics"
+  names = [e["name"] for e in card.get("bands") or []]
+  if names != list(bands):
+    return f"the model card's bands {names} are not the encoder bands {list(bands)}"
+  return None
+
+
+def _eurosat_normaliser(ef: _EuroSATFiles, read: Callable[[str], np.ndarray],
+                        mapping: BandMapping, card: Mapping[str, Any] | None
+                        ) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+  """(raw (H, W, 13) -> normalised (H, W, C_encoder), a note saying how)."""
+  why_not = _card_l1c(card, mapping.encoder_bands)
+  if why_not is None:
+    from mmearth_jax import cards  # the model side: only when a card is given
+
+    def by_card(raw: np.ndarray) -> np.ndarray:
+      x = mapping.apply(raw)
+      z = cards.normalise(card, x, "L1C")
+      z[x == 0] = 0.0  # no data, as the training pipeline does
+      return _finite(z)
+    return by_card, "normalisation: the model card's L1C statistics (the pretraining data's)"
+  mu, inv = _zscore_params(*_eurosat_stats(ef, read))
+  used = mapping.used
+
+  def by_train(raw: np.ndarray) -> np.ndarray:
+    z = np.zeros(raw.shape, np.float32)
+    z[..., used] = _finite((raw[..., used] - mu[used]) * inv[used])
+    return mapping.apply(z)
+  return by_train, (f"normalisation: z-score with the train split's statistics ({why_not})")
+
+
+def _load_eurosat_ms(target: str, split: str, bands: tuple[str, ...], max_examples: int | None,
+                     image_size: int | None, fill: str,
+                     card: Mapping[str, Any] | None) -> EvalData:
+  key = _EUROSAT_SPLITS.get(split)
+  if key is None:
+    raise EvalDataError(f"eurosat_ms:{target}: split must be train, val or test, got {split!r}")
+  ef = _eurosat_files(target)
+  names, split_note = _eurosat_split(ef, key)
+  if max_examples:
+    names = names[:max_examples]
+  mapping = band_mapping(B.EUROSAT_MS_BANDS, bands, fill=fill, dataset=f"eurosat_ms:{ef.where}")
+  images = []
+  with _eurosat_reader(ef) as read:
+    normalise, norm_note = _eurosat_normaliser(ef, read, mapping, card)
+    for name in names:
+      z = normalise(read(name))
+      images.append(R.resize(z, image_size, "bilinear", antialias=True) if image_size else z)
+  info = {"num_classes": len(EUROSAT_CLASSES), "class_names": list(EUROSAT_CLASSES),
+          "multilabel": False}
+  return _finish(images, [ef.files[n][1] for n in names], info, f"eurosat_ms/{key}", mapping,
+                 (split_note, norm_note))
+
+
+# ---------------------------------------------------------------------------------------------
 # Segmentation: per-pixel class maps.
 
 @dataclasses.dataclass
@@ -836,4 +1150,6 @@ def _segmentation_geobench(folder: str, split: str, bands: tuple[str, ...], part
 
 __all__ = ["EvalData", "EvalDataError", "BandMapping", "band_mapping", "load",
            "geobench_band_name", "mmearth_split", "clear_cache", "GEOBENCH_STATS_SCALE",
-           "TFDS_DATASETS", "SegmentationData", "load_segmentation"]
+           "TFDS_DATASETS", "SegmentationData", "load_segmentation", "EUROSAT_CLASSES",
+           "EUROSAT_MS_FOLDER", "EUROSAT_SPLIT_FILES", "EUROSAT_SPLIT_MD5",
+           "eurosat_ms_split_names"]

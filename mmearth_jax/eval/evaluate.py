@@ -39,14 +39,17 @@ def parse_evaluators(spec: str | Sequence[str]) -> tuple[str, ...]:
   return tuple(names)
 
 
-def load_splits(cfg: ml_collections.ConfigDict | Mapping[str, Any], bands: Sequence[str] | None
+def load_splits(cfg: ml_collections.ConfigDict | Mapping[str, Any], bands: Sequence[str] | None,
+                *, card: Mapping[str, Any] | None = None
                 ) -> tuple[datasets.EvalData, datasets.EvalData]:
-  """The train and test splits of `cfg.dataset` in the encoder's band order."""
+  """The train and test splits of `cfg.dataset` in the encoder's band order; `card` (the
+  encoder's model card) goes to `datasets.load`, which normalises raw L1C sources with it."""
   if not bands:
     raise ValueError("the encoder does not name its input bands (spec 'bands'); pass them "
                      "explicitly (e.g. --bands B4,B3,B2)")
   kw = dict(data_dir=cfg["data_dir"] or None, partition=cfg["partition"],
-            max_examples=cfg["max_examples"] or None, image_size=cfg["image_size"] or None)
+            max_examples=cfg["max_examples"] or None, image_size=cfg["image_size"] or None,
+            card=card)
   return (datasets.load(cfg["dataset"], cfg["train_split"], bands, **kw),
           datasets.load(cfg["dataset"], cfg["test_split"], bands, **kw))
 

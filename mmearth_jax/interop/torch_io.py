@@ -134,9 +134,12 @@ def _as_owned_tensor(v: Any, key: str) -> torch.Tensor:
   return torch.from_numpy(np.array(a, order="C", copy=True))
 
 
-def save_state_dict(state_dict: Mapping[str, np.ndarray | torch.Tensor], path: str) -> None:
+def save_state_dict(state_dict: Mapping[str, np.ndarray | torch.Tensor], path: str,
+                    metadata: Mapping[str, str] | None = None) -> None:
   """Writes `state_dict` to `path`: `.safetensors`, else a pickle `{"model": state_dict}`
-  (readable with weights_only=True). Atomic: a temporary file in the same folder is renamed."""
+  (readable with weights_only=True). Atomic: a temporary file in the same folder is renamed.
+  `metadata` (string values, e.g. the model card) goes into a `.safetensors` file's metadata; a
+  pickle does not hold it."""
   path = os.path.abspath(path)
   folder = os.path.dirname(path)
   if not os.path.isdir(folder):
@@ -151,7 +154,9 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray | torch.Tensor], path: s
   try:
     if suffix == SAFETENSORS_SUFFIX:
       from safetensors.torch import save_file
-      save_file(tensors, tmp, metadata={"format": "pt", _ORDER_KEY: json.dumps(list(tensors))})
+      meta = {**{str(k): str(v) for k, v in (metadata or {}).items()}, "format": "pt",
+              _ORDER_KEY: json.dumps(list(tensors))}
+      save_file(tensors, tmp, metadata=meta)
     else:
       torch.save({"model": tensors}, tmp)
     with open(tmp, "rb+") as f:

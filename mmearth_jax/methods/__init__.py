@@ -22,7 +22,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in encoders.ARCHS}
 ARCHS.update({a.name: a for m in METHODS.values() for a in m.ARCHS})
 
 __all__ = ["METHODS", "ARCHS", "DTYPES", "Arch", "DataInfo", "Task", "get", "arch", "build",
-           "encoder_spec", "encoder_params", "is_encoder"]
+           "encoder_spec", "encoder_params", "is_encoder", "geometry"]
 
 
 def get(name: str) -> ModuleType:
@@ -59,3 +59,10 @@ def encoder_params(spec: Mapping[str, Any], params: Mapping) -> Mapping:
   """The encoder's parameters inside a model's `params`."""
   a = arch(spec)
   return params if a.encoder_spec is None else params[a.encoder_key]
+
+
+def geometry(spec: Mapping[str, Any]) -> dict:
+  """The grid facts of the encoder inside `spec` (`Arch.geometry`: patch size, input sizes,
+  output stride, feature width)."""
+  enc = encoder_spec(spec)
+  return arch(enc).geometry(enc)

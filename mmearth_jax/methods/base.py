@@ -15,6 +15,7 @@ and which PyTorch layouts it exports to and how (the export functions import tor
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -34,6 +35,14 @@ class DataInfo:
   num_records: int  # examples per epoch (all hosts)
   bands: tuple[str, ...] | None  # the encoder's input bands, None when unknown
   outputs: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  # For the model card: the training crop (px), the pixels' ground sample distance (m), where the
+  # data came from, and the statistics its images were z-scored with ({stats key: {"mean",
+  # "std"}}: the shards' `band_stats`, or {"images": ...} for an image folder / TFDS); None
+  # where unknown.
+  input_size: int | None = None
+  gsd_m: float | None = None
+  source: str = ""
+  band_stats: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass
@@ -67,6 +76,10 @@ class Arch:
   # input must be a multiple of.
   features: Callable[..., jax.Array] | None = None
   size_unit: Callable[[Mapping[str, Any]], int] | None = None
+  # Encoders only: spec -> the grid facts of the model card (`mmearth_jax.cards`): patch_size,
+  # input_size (None when the spec does not fix it), min_input_size, input_multiple,
+  # output_stride, output_origin_px, feature_dim.
+  geometry: Callable[[Mapping[str, Any]], dict] | None = None
 
 
 def dtype(config: ml_collections.ConfigDict) -> Any:
@@ -87,9 +100,23 @@ def shards_data(config: ml_collections.ConfigDict) -> tuple[Iterator, DataInfo]:
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   data_cfg.num_epochs = 0  # the loop decides when to stop; the pipeline repeats
   manifest = convert.load_manifest(config.data.path)
-  bands, outputs, _ = pipeline.resolve_config(config.data, manifest)
-  info = DataInfo(manifest["num_records"], tuple(bands), dict(outputs))
+  bands, outputs, crop = pipeline.resolve_config(config.data, manifest)
+  info = DataInfo(manifest["num_records"], tuple(bands), dict(outputs), input_size=int(crop),
+                  **source_facts(config.data))
   return iter(pipeline.make_dataset(data_cfg)), info
+
+
+def source_facts(data: Mapping[str, Any]) -> dict:
+  """DataInfo's gsd_m, source and band_stats for a data section: the MMEarth shards at
+  `data.path` (their manifest's statistics, 10 m pixels) or an image folder / TFDS dataset
+  (`data.images`, z-scored with data.mean / data.std; GSD unknown)."""
+  if data.get("images"):
+    return {"gsd_m": None, "source": str(data["images"]),
+            "band_stats": {"images": {"mean": list(data["mean"]), "std": list(data["std"])}}}
+  from mmearth_jax.data import convert  # only where data is read
+  manifest = convert.load_manifest(data["path"])
+  return {"gsd_m": B.MMEARTH_GSD_M, "source": os.path.abspath(data["path"]),
+          "band_stats": dict(manifest["band_stats"])}
 
 
 def image_bands(data: Mapping[str, Any]) -> tuple[list[str] | None, int]:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from mmearth_jax.config_lib import ConfigError
 from mmearth_jax.methods.base import Arch
-from mmearth_jax.models.convnextv2 import ConvNeXtV2
+from mmearth_jax.models.convnextv2 import ConvNeXtV2, stage_geometries
 from mmearth_jax.models.variants import CONVNEXTV2, VIT
 from mmearth_jax.models.vit import ViT
 
@@ -73,6 +73,27 @@ def _vit_features(model, params, images, gsd):
   return out[:, 0]  # the CLS token after the final norm (MAE's and Scale-MAE's kNN features)
 
 
+def convnextv2_geometry(spec: Mapping[str, Any]) -> dict:
+  """A ConvNeXt V2's grid facts (see `Arch.geometry`): the final map's stride and the centre of
+  its first cell in input pixels (traced through every conv), and the smallest input that still
+  gives a 1 x 1 map (any size above it works; convolutions floor)."""
+  stem, patch = spec["stem"], int(spec["patch_size"])
+  last = stage_geometries(64, stem, patch)[-1]
+  smallest = next(n for n in range(1, 4097) if stage_geometries(n, stem, patch)[-1].size >= 1)
+  return {"patch_size": patch, "input_size": None, "min_input_size": smallest,
+          "input_multiple": 1, "output_stride": int(last.b), "output_origin_px": float(last.a),
+          "feature_dim": int(spec["dims"][-1])}
+
+
+def vit_geometry(spec: Mapping[str, Any]) -> dict:
+  """A ViT's grid facts: one token per patch; inputs must tile into whole patches."""
+  patch = int(spec["patch_size"])
+  size = img_size(spec)
+  return {"patch_size": patch, "input_size": size if isinstance(size, int) else list(size),
+          "min_input_size": patch, "input_multiple": patch, "output_stride": patch,
+          "output_origin_px": patch / 2, "feature_dim": int(spec["embed_dim"])}
+
+
 def export_convnextv2(params: Mapping, layout: str, conv_mlp: bool | None = None) -> dict:
   """A ConvNeXt V2 encoder's params -> a PyTorch state dict: "mmearth" (MMEarth's stem),
   "official" or "timm" (the 4x4 stem; `conv_mlp` forces timm's fc1/fc2 as 1x1 convs or Linears)."""
@@ -108,14 +129,16 @@ ARCHS = (
          export=lambda spec, params, layout, conv_mlp=None: export_convnextv2(params, layout,
                                                                               conv_mlp),
          features=_convnextv2_features,
-         size_unit=lambda spec: 32),
+         size_unit=lambda spec: 32,
+         geometry=convnextv2_geometry),
     Arch("vit",
          build=lambda spec, dtype=jnp.float32: ViT(
              **vit_sizes(spec, dtype), pos_layout=spec.get("pos_layout", "concat")),
          export_layouts=("timm", "mae", "scale_mae"),
          export=lambda spec, params, layout, conv_mlp=None: export_vit(spec, params),
          features=_vit_features,
-         size_unit=lambda spec: int(spec["patch_size"])),
+         size_unit=lambda spec: int(spec["patch_size"]),
+         geometry=vit_geometry),
 )
 ENCODERS = {a.name: a for a in ARCHS}
 

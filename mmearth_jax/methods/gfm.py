@@ -51,7 +51,9 @@ def make_data(config: ml_collections.ConfigDict) -> tuple[Iterator, base.DataInf
   data_cfg.num_epochs = 0  # the loop decides when to stop; the pipeline repeats
   it, info = scale_aug.make_crop_dataset(data_cfg)
   bands = tuple(info["bands"]) if info["bands"] is not None else None
-  return iter(it), base.DataInfo(info["num_records"], bands)
+  return iter(it), base.DataInfo(info["num_records"], bands,
+                                 input_size=int(config.data.resized_crop.size),
+                                 **base.source_facts(config.data))
 
 
 def _encoder(config: ml_collections.ConfigDict) -> nn.Module:

@@ -47,7 +47,9 @@ def make_data(config: ml_collections.ConfigDict) -> tuple[Iterator, base.DataInf
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   data_cfg.num_epochs = 0  # the loop decides when to stop; the pipeline repeats
   it, info = scale_aug.make_dataset(data_cfg)
-  return iter(it), base.DataInfo(info["num_records"], _tuple(info["bands"]))
+  return iter(it), base.DataInfo(info["num_records"], _tuple(info["bands"]),
+                                 input_size=int(config.data.scale.input_size),
+                                 **base.source_facts(config.data))
 
 
 def task(config: ml_collections.ConfigDict, info: base.DataInfo) -> base.Task:
