@@ -46,7 +46,7 @@ from mmearth_jax.data import convert, synth  # noqa: E402
 LONGEST_FIRST = ("test_train.py", "test_eval_train.py", "test_segmentation.py", "test_mp_mae.py",
                  "test_train_multiprocess.py", "test_scale_mae_train.py", "test_convnextv2.py",
                  "test_scale_mae.py", "test_dense_contrastive.py", "test_gfm.py",
-                 "test_convnextv2_parity.py", "test_eval.py")
+                 "test_convnextv2_parity.py", "test_notebook.py", "test_install.py", "test_eval.py")
 
 
 def pytest_collection_modifyitems(config, items):
