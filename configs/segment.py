@@ -8,7 +8,9 @@ per-class IoU, mIoU and pixel accuracy on its test split (`mmearth_jax/eval/segm
 `--config` defaults to `segment` (this file, its default variant); `configs/segment.py:<variant>`
 names the same file, and a copy of your own is given by its path (`my_segment.py:<variant>`).
 Every field below can be overridden with `--config.<field>=<value>` (a misspelt field fails,
-naming it); the metrics are printed, and also written to the `json` file when it is set.
+naming it); the metrics are printed, and also written to the `json` file when it is set. With
+`out` set, the fine-tuned segmenter is saved there as a model folder with its model card, and
+`mmearth-jax segment-scene --model DIR --scene S2.tif --out classes.tif` maps a scene with it.
 
 Variants
   mmearth  (the default, also ""): MMEarth's U-Net protocol. 200 epochs over the labelled tiles
@@ -77,6 +79,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.seed = 0  # label subset, decoder init, batch order, flips
 
   c.json = ""  # also write the metrics to this JSON file
+  c.out = ""  # also save the fine-tuned segmenter here (a model folder `segment-scene` reads)
 
   if variant in ("", "mmearth"):
     return c

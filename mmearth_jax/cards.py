@@ -200,6 +200,16 @@ def for_import(spec: Mapping[str, Any], notes: Sequence[str], path: str, layout:
   return card
 
 
+def for_finetune(card: Card, normalisation: Mapping[str, Any], *, input_size: int,
+                 gsd_m: float | None) -> Card:
+  """The card of a fine-tuned segmenter (`card`: its spec's): the normalisation and GSD of the
+  images it was fine-tuned on, and its output, one class per input pixel."""
+  card = dict(card, normalisation=dict(normalisation), input_size=int(input_size),
+              output_stride=1, output_origin_px=0.5, gsd_m=gsd_m)
+  card["unknown"] = _unknowns(card)
+  return card
+
+
 def _take_attached(card: Card, attached: Mapping[str, Any], bands_given: bool) -> bool:
   """Fills `card` from the card attached to an imported file, when that card describes these
   weights (same input channels and feature width); True when it named the bands."""

@@ -142,23 +142,6 @@ def _segment(args: argparse.Namespace) -> int:
 # Pretrained encoders: embeddings, evaluation, PyTorch interop.
 
 
-def _load_images(path: str, channels_first: bool):
-  import numpy as np
-  try:
-    x = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: cannot read images as a .npy array ({e})") from e
-  if x.dtype.kind not in "fiu":
-    raise ValueError(f"{path}: images must be a numeric array, got dtype {x.dtype}")
-  if x.ndim == 3:  # one image
-    x = x[None]
-  if x.ndim != 4:
-    raise ValueError(f"{path}: expected (N, H, W, C) or (N, C, H, W) images, got shape {x.shape}")
-  if channels_first:
-    x = x.transpose(0, 2, 3, 1)
-  return x.astype(np.float32)
-
-
 def _atomic_save_npy(path: str, array) -> None:
   import os
   import numpy as np
@@ -168,19 +151,61 @@ def _atomic_save_npy(path: str, array) -> None:
   os.replace(tmp, path)
 
 
+def _scene_options(args: argparse.Namespace):
+  from mmearth_jax import scenes
+  return scenes.Options(
+      bands=[b.strip() for b in args.bands.split(",")] if args.bands else None,
+      tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
+      normalised=args.normalised, level=args.level, scale=args.scale, offset=args.offset,
+      mask_band=args.mask_band, gsd=getattr(args, "gsd", None), progress=not args.no_progress)
+
+
+def _report_scene(written, source: str) -> None:
+  what = (f"{written.shape[0]} tile vectors of width {written.shape[1]}" if len(written.shape) == 2
+          else f"a {written.shape[1]}x{written.shape[2]} grid of {written.shape[0]} bands")
+  print(f"wrote {what} to {written.path} ({written.tiles} tiles of {written.tile[0]}x"
+        f"{written.tile[1]} px; model from {source})")
+  print(f"  bands: {written.bands}")
+  print(f"  input: {written.normalisation}")
+  if written.nodata_cells:
+    print(f"  {written.nodata_cells} cells are nodata (more than half their pixels nodata or "
+          "masked)")
+
+
 def _embed(args: argparse.Namespace) -> int:
-  from mmearth_jax import pretrained
+  from mmearth_jax import pretrained, scenes
   from mmearth_jax.eval import features
+  if bool(args.scene) == bool(args.images):
+    raise ValueError("give the input as --scene S2.tif (a raster) or --images stack.npy, one of "
+                     "them")
   model = pretrained.load(args.checkpoint)
-  images = _load_images(args.images, args.channels_first)
+  if args.scene:
+    args.batch_size = args.batch_size or 16
+    _report_scene(scenes.embed_scene(model, args.scene, args.out, _scene_options(args),
+                                     pool=args.pool), model.source)
+    return 0
+  if args.pool or args.bands or args.mask_band:
+    raise ValueError("--pool, --bands and --mask-band apply to --scene; an --images stack is "
+                     "in the encoder's band order already")
+  stack = scenes.load_image_stack(args.images, args.channels_first)
+  images, note = scenes.prepare_images(stack, model.card, args.images,
+                                       normalised=args.normalised, level=args.level,
+                                       scale=args.scale, offset=args.offset)
   enc = pretrained.encoder_spec(model.spec)
-  pretrained.check_images(enc, images, args.images)
-  out = features.extract(pretrained.features_fn(model.spec),
+  out = features.extract(pretrained.features_fn(model.spec, gsd=args.gsd),
                          pretrained.encoder_params(model.spec, model.params), images,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size or 128)
   _atomic_save_npy(args.out, out)
   print(f"wrote {out.shape[0]} embeddings of width {out.shape[1]} to {args.out} "
-        f"({enc['arch']} from {model.source})")
+        f"({enc['arch']} from {model.source}; {note})")
+  return 0
+
+
+def _segment_scene(args: argparse.Namespace) -> int:
+  from mmearth_jax import pretrained, scenes
+  model = pretrained.load(args.model)
+  _report_scene(scenes.segment_scene(model, args.scene, args.out, _scene_options(args)),
+                model.source)
   return 0
 
 
@@ -241,11 +266,12 @@ def _to_torch(args: argparse.Namespace) -> int:
 
 def _check_export(model, path: str, layout: str, check: str) -> None:
   """Print the first image's embedding from JAX and from PyTorch reading `path`."""
-  from mmearth_jax import pretrained
+  import numpy as np
+  from mmearth_jax import pretrained, scenes
   from mmearth_jax.eval import datasets, features
   from mmearth_jax.interop import compare
   if check.endswith(".npy"):
-    image = _load_images(check, channels_first=False)[:1]
+    image = scenes.load_image_stack(check).astype(np.float32)[:1]
   else:
     image = datasets.load(check, "train", model.bands, max_examples=1).images[:1]
   pretrained.check_images(pretrained.encoder_spec(model.spec), image, check)
@@ -411,16 +437,68 @@ SEGMENT = Command(
             "runs on the built-in sample), or a file of your own, e.g. my_segment.py:VARIANT"),
     ), overrides=True)
 
+# How `embed --scene` and `segment-scene` read a scene.
+SCENE_READING = (
+    arg("--bands", default="", help="the file's bands in file order, comma separated (MMEarth "
+        "names or aliases: B2 or B02, red, nir), when its band descriptions do not name them"),
+    arg("--tile", type=int, default=0, help="tile side in px, a multiple of the output stride "
+        "(default: a ViT's input size, else 256); a scene that fits one tile is one forward pass"),
+    arg("--overlap", type=int, default=-1, help="px shared by neighbouring tiles, a multiple of "
+        "the output stride (default: a quarter of the tile for maps, 0 for --pool)"),
+    arg("--mask-band", type=int, default=None, help="1-based band of the file whose non-zero "
+        "pixels are masked (e.g. clouds); nodata pixels (the file's mask) are always masked"),
+    arg("--no-progress", action="store_true", help="no progress bar"),
+)
+# How raw values become the encoder's input (both inputs of `embed`, and `segment-scene`).
+NORMALISATION = (
+    arg("--normalised", action="store_true", help="the values are already z-scored the way the "
+        "encoder was pretrained (default: raw values, normalised with the model card)"),
+    arg("--level", default=None, help="which of the card's statistics normalise raw values: "
+        "L1C (top of atmosphere) or L2A (surface reflectance); default L2A when the card has it"),
+    arg("--scale", type=float, default=1.0, help="raw values are first multiplied by this (e.g. "
+        "10000 for reflectance in 0..1; the card says which units it expects)"),
+    arg("--offset", type=float, default=0.0, help="...and added this (e.g. -1000 for L2A "
+        "products of processing baseline 04.00 and later, whose BOA_ADD_OFFSET is -1000)"),
+)
+
 EMBED = Command(
-    "embed", "embeddings of a stack of images from a pretrained encoder",
-    "Embeddings (ConvNeXt V2: LayerNorm of the global average pool, the reference's "
-    "forward_features; ViT: the normed CLS token) of images already in the encoder's band order "
-    "and normalisation.", _embed, (
+    "embed", "embeddings of a scene (GeoTIFF) or a stack of images from a pretrained encoder",
+    "With --scene: read a georeferenced raster of any size window by window, match its bands to "
+    "the encoder's (band descriptions, --bands, or the card's order), normalise raw values with "
+    "the model card, run overlapping tiles over all local devices and write the stitched "
+    "embedding grid (ConvNeXt V2: the last stage's map; ViT: the patch tokens) as a "
+    "cloud-optimised GeoTIFF in the scene's CRS, its transform scaled by the output stride; "
+    "cells more than half nodata or masked are nodata (-9999). --pool writes one vector per "
+    "tile with its centre coordinates to a GeoParquet table instead. With --images: embeddings "
+    "(ConvNeXt V2: LayerNorm of the global average pool, the reference's forward_features; ViT: "
+    "the normed CLS token) of a .npy stack in the encoder's band order.", _embed, (
         CHECKPOINT,
-        arg("--images", required=True, help=".npy float array (N, H, W, C)"),
-        arg("--channels-first", action="store_true", help="the images are (N, C, H, W)"),
-        arg("--out", required=True, help=".npy file for the (N, D) embeddings"),
-        BATCH_SIZE,
+        arg("--scene", default="", help="a GeoTIFF (any GDAL raster) of the scene"),
+        arg("--images", default="", help=".npy array (N, H, W, C) in the encoder's band order"),
+        arg("--channels-first", action="store_true", help="the --images are (N, C, H, W)"),
+        arg("--out", required=True, help="--scene: a .tif for the embedding grid (a .parquet "
+            "with --pool); --images: a .npy for the (N, D) embeddings"),
+        arg("--pool", action="store_true", help="--scene: one pooled vector per tile, to a "
+            "GeoParquet table"),
+        *SCENE_READING, *NORMALISATION,
+        arg("--gsd", type=float, default=None, help="ViT position-grid scale (Scale-MAE's GSD "
+            "ratio; default 1)"),
+        arg("--batch-size", type=int, default=0, help="images (default 128) or tiles (default "
+            "16) per forward pass, rounded up to a multiple of the local devices"),
+    ))
+
+SEGMENT_SCENE = Command(
+    "segment-scene", "a fine-tuned segmenter's class map of a scene (GeoTIFF)",
+    "Predict the class of every pixel of a georeferenced raster with a segmenter saved by "
+    "`mmearth-jax segment --config.out=DIR`: the scene is read, matched, normalised and tiled as "
+    "`embed --scene` does, and the class map is written as a one-band uint8 cloud-optimised "
+    "GeoTIFF on the scene's grid (nodata 255 where more than half the pixel is nodata or "
+    "masked; the class names are in its metadata).", _segment_scene, (
+        arg("--model", required=True, help="the model folder `segment --config.out` wrote"),
+        arg("--scene", required=True, help="a GeoTIFF (any GDAL raster) of the scene"),
+        arg("--out", required=True, help="a .tif for the class map"),
+        *SCENE_READING, *NORMALISATION,
+        arg("--batch-size", type=int, default=8, help="tiles per forward pass (default 8)"),
     ))
 
 KNN = Command(
@@ -495,8 +573,8 @@ INFO = Command(
         arg("--json", action="store_true", help="print the card as JSON"),
     ))
 
-COMMANDS = (SYNTH, CONVERT, VERIFY, INSPECT, TRAIN, EMBED, KNN, PROBE, SEGMENT, TO_TORCH,
-            FROM_TORCH, INFO)
+COMMANDS = (SYNTH, CONVERT, VERIFY, INSPECT, TRAIN, EMBED, KNN, PROBE, SEGMENT, SEGMENT_SCENE,
+            TO_TORCH, FROM_TORCH, INFO)
 _BY_NAME = {c.name: c for c in COMMANDS}
 
 
@@ -541,7 +619,7 @@ def main(argv=None) -> int:
     print(f"mmearth-jax {args.command}: error: {msg}", file=sys.stderr)
     return 2
   except ModuleNotFoundError as e:
-    if e.name != "torch":
+    if e.name not in ("torch", "rasterio", "pyarrow"):
       raise
     # A command that reads or writes a PyTorch file, without the torch extra (mmearth_jax.interop
     # says which extra to install).

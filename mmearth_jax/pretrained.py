@@ -113,6 +113,20 @@ def features_fn(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32, gsd: fl
   return fn
 
 
+def dense_fn(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32, gsd: float | None = None
+             ) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
+  """(encoder params, images (N, H, W, C)) -> (N, h, w, D) float32 feature maps, laid out as the
+  card's output_stride and output_origin_px say. ConvNeXt V2: the last stage's map (the features
+  a U-Net decoder reads); ViT: the patch tokens after the final norm."""
+  enc = encoder_spec(spec)
+  model = build(enc, dtype)
+  dense = methods.arch(enc).dense
+
+  def fn(params, images):
+    return dense(model, params, images, gsd).astype(jnp.float32)
+  return fn
+
+
 def check_images(spec: Mapping[str, Any], images: np.ndarray, what: str) -> None:
   """A clear error when `images` (N, H, W, C) do not fit the encoder."""
   if images.ndim != 4:

@@ -354,3 +354,43 @@ def write_eurosat_ms_sample(folder: str, *, per_class: int = 5, size: int = 64, 
         z.write(os.path.join(root, cls, name), f"{D.EUROSAT_MS_FOLDER}/{cls}/{name}")
   shutil.rmtree(root)
   return path
+
+
+def write_s2_scene(path: str, bands: Sequence[str], *, height: int, width: int, seed: int = 0,
+                   dtype: str = "uint16", nodata: float | None = 0,
+                   descriptions: Sequence[str | None] | None = None, crs: str = "EPSG:32633",
+                   origin: tuple[float, float] = (399_960.0, 5_300_040.0),
+                   gsd_m: float = 10.0, holes: Sequence[tuple[int, int, int, int]] = (),
+                   block: int = 256) -> np.ndarray:
+  """Writes a Sentinel-2-like scene as the Copernicus products are usually exported: a tiled
+  GeoTIFF on a UTM grid (north-up, `gsd_m` pixels, upper-left corner `origin`), one band per
+  name in `bands` (band descriptions `descriptions`, default the names; None entries leave a
+  band undescribed), values like L2A reflectance x 10000 (uint16, 0 = nodata) with fields and
+  texture. `holes` (row, col, height, width) windows are set to `nodata` (NaN for float scenes
+  without one). Returns the written array (C, H, W)."""
+  import rasterio  # the `geo` extra
+  from rasterio.transform import Affine
+
+  rng = np.random.default_rng(seed)
+  base = {b: 400 + 300 * i for i, b in enumerate(bands)}
+  fields = rng.integers(0, 4, (height // 16 + 1, width // 16 + 1))
+  field = np.kron(fields, np.ones((16, 16), np.int64))[:height, :width]
+  data = np.stack([base[b] * (1 + 0.5 * field) + rng.normal(0, 60, (height, width))
+                   for b in bands])
+  data = np.clip(data, 1, 12000)
+  if np.dtype(dtype).kind != "f":
+    data = np.round(data)
+  data = data.astype(dtype)
+  fill = nodata if nodata is not None else np.nan
+  for r, c, h, w in holes:
+    data[:, r:r + h, c:c + w] = fill
+  profile = {"driver": "GTiff", "width": width, "height": height, "count": len(bands),
+             "dtype": dtype, "crs": crs, "nodata": nodata, "tiled": True,
+             "blockxsize": block, "blockysize": block, "compress": "deflate",
+             "transform": Affine(gsd_m, 0.0, origin[0], 0.0, -gsd_m, origin[1])}
+  with rasterio.open(path, "w", **profile) as dst:
+    dst.write(data)
+    for i, d in enumerate(descriptions if descriptions is not None else bands):
+      if d is not None:
+        dst.set_band_description(i + 1, d)
+  return data

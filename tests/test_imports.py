@@ -389,7 +389,7 @@ def run(*argv):
 out = {
     "imported": modules,
     "embed": run("embed", "--checkpoint", model, "--images", os.path.join(tmp, "tiles.npy"),
-                 "--out", os.path.join(tmp, "emb.npy")),
+                 "--normalised", "--out", os.path.join(tmp, "emb.npy")),
     "knn": run("knn", "--checkpoint", model, "--dataset", "mmearth:" + shards, "--k", "3"),
     "to-torch": run("to-torch", "--checkpoint", model, "--layout", "mmearth",
                     "--out", os.path.join(tmp, "m.pth")),

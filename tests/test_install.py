@@ -81,7 +81,8 @@ def test_the_installed_package_runs_from_another_folder(wheel_venv, tmp_path):
 
   images = np.random.default_rng(0).normal(size=(3, 56, 56, 12)).astype(np.float32)
   np.save(tmp_path / "tiles.npy", images)
-  out = run(cli, "embed", "--checkpoint", "run", "--images", "tiles.npy", "--out", "emb.npy")
+  out = run(cli, "embed", "--checkpoint", "run", "--images", "tiles.npy", "--normalised",
+            "--out", "emb.npy")
   assert "wrote 3 embeddings of width 16" in out
   emb = np.load(tmp_path / "emb.npy")
   assert emb.shape == (3, 16) and np.isfinite(emb).all()

@@ -19,32 +19,47 @@ def default_mesh() -> Mesh:
   return mesh_lib.make_mesh(mesh_lib.default_config())
 
 
+class Sharded:
+  """`fn(params, images)` jitted once over the mesh: each call takes host images (B, ...) and
+  returns fn's output for them as numpy, B padded up to a batch every device (and process) can
+  take an equal slice of. `batch` is that padded size for the `batch_size` asked for."""
+
+  def __init__(self, fn: Callable[[Any, jax.Array], jax.Array], params: Any, *,
+               batch_size: int = 128, mesh: Mesh | None = None, rules: Any = (),
+               min_size: int = 2 ** 14):
+    mesh = mesh or default_mesh()
+    self.procs, self.me = jax.process_count(), jax.process_index()
+    step = max(mesh.shape["data"] * mesh.shape["fsdp"], self.procs)
+    self.step = step
+    self.batch = max(step, (batch_size + step - 1) // step * step)
+    self.in_sharding = mesh_lib.batch_sharding(mesh)
+    pspecs = mesh_lib.param_specs(params, mesh, rules, min_size) if rules else jax.tree.map(
+        lambda _: jax.sharding.PartitionSpec(), params)
+    param_shardings = mesh_lib.to_shardings(pspecs, mesh)
+    self.params = jax.device_put(params, param_shardings)
+    self.jitted = jax.jit(fn, in_shardings=(param_shardings, self.in_sharding),
+                          out_shardings=mesh_lib.replicated(mesh))
+
+  def padded(self, n: int) -> int:
+    """The batch size a call with `n` images runs at (n rounded up to the device count)."""
+    return (n + self.step - 1) // self.step * self.step
+
+  def __call__(self, images: np.ndarray, batch: int | None = None) -> np.ndarray:
+    chunk = np.asarray(images, np.float32)
+    n = len(chunk)
+    batch = batch or self.padded(n)
+    if n < batch:  # pad the batch; the padding's outputs are dropped
+      chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), np.float32)])
+    per_proc = batch // self.procs
+    local = chunk[self.me * per_proc:(self.me + 1) * per_proc]
+    return np.asarray(self.jitted(self.params, mesh_lib.global_batch(local, self.in_sharding)))[:n]
+
+
 def extract(fn: Callable[[Any, jax.Array], jax.Array], params: Any, images: np.ndarray, *,
             batch_size: int = 128, mesh: Mesh | None = None,
             rules: Any = (), min_size: int = 2 ** 14) -> np.ndarray:
   """fn(params, images (B, H, W, C)) -> (B, D) over all of `images`, in order, as numpy."""
-  mesh = mesh or default_mesh()
-  replicas = mesh.shape["data"] * mesh.shape["fsdp"]
-  procs, me = jax.process_count(), jax.process_index()
-  # A global batch every device and process can take an equal slice of.
-  step = max(replicas, procs)
-  batch = max(step, (batch_size + step - 1) // step * step)
-  batch = min(batch, (len(images) + step - 1) // step * step)
-  in_sharding = mesh_lib.batch_sharding(mesh)
-  pspecs = mesh_lib.param_specs(params, mesh, rules, min_size) if rules else jax.tree.map(
-      lambda _: jax.sharding.PartitionSpec(), params)
-  param_shardings = mesh_lib.to_shardings(pspecs, mesh)
-  params = jax.device_put(params, param_shardings)
-  jitted = jax.jit(fn, in_shardings=(param_shardings, in_sharding),
-                   out_shardings=mesh_lib.replicated(mesh))
-  per_proc = batch // procs
-  out = []
-  for start in range(0, len(images), batch):
-    chunk = np.asarray(images[start:start + batch], np.float32)
-    n = len(chunk)
-    if n < batch:  # pad the last batch; the padding's features are dropped
-      chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), np.float32)])
-    local = chunk[me * per_proc:(me + 1) * per_proc]
-    feats = jitted(params, mesh_lib.global_batch(local, in_sharding))
-    out.append(np.asarray(feats)[:n])
+  run = Sharded(fn, params, batch_size=batch_size, mesh=mesh, rules=rules, min_size=min_size)
+  batch = min(run.batch, run.padded(len(images)))  # one shape for every batch: one compile
+  out = [run(images[start:start + batch], batch) for start in range(0, len(images), batch)]
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

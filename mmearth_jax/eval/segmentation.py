@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -44,7 +45,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from mmearth_jax import optim, pretrained
+from mmearth_jax import bands as B
+from mmearth_jax import cards, optim, pretrained
 from mmearth_jax.eval.datasets import SegmentationData, load_segmentation  # noqa: F401 (API)
 from mmearth_jax.models import unet
 
@@ -452,6 +454,8 @@ def run(encoder_spec: Mapping[str, Any], encoder_params: Any, train: Segmentatio
   params, history = finetune(model, params, part, cfg, log=log)
   seconds = time.perf_counter() - t0
   out = evaluate(model, params, test, cfg.eval_batch_size)
+  if cfg.get("out"):
+    out["saved"] = save_segmenter(cfg.out, enc, params, train, cfg)
   tail = history[-max(len(history) // 10, 1):]
   steps = num_steps(cfg, len(idx))
   out.update({"label_fraction": float(cfg.label_fraction), "train_tiles": int(len(idx)),
@@ -461,6 +465,41 @@ def run(encoder_spec: Mapping[str, Any], encoder_params: Any, train: Segmentatio
                   [h["loss"] for h in tail])), "finetune_seconds": round(seconds, 2),
               "pretrained": encoder_params is not None})
   return out
+
+
+def segmenter_spec(encoder_spec: Mapping[str, Any], data: SegmentationData,
+                   decoder_dims: Sequence[int] = ()) -> dict:
+  """The spec of a fine-tuned segmenter (arch "unet_segmenter", `methods.encoders`)."""
+  return {"arch": "unet_segmenter", "encoder": dict(encoder_spec),
+          "num_classes": int(data.num_classes), "decoder_dims": list(_ints(decoder_dims)),
+          "class_names": list(data.class_names) if data.class_names is not None else None}
+
+
+def _training_normalisation(cfg: ml_collections.ConfigDict, bands: Sequence[str]) -> dict:
+  """The card normalisation of the images the segmenter was fine-tuned on: a shards folder's
+  band statistics (what `load_segmentation` z-scores mmearth tiles with), else the encoder's
+  card's (GEO-Bench images come normalised by the task's own statistics, not recorded)."""
+  kind, _, target = cfg.dataset.partition(":")
+  if kind == "mmearth":
+    folder = target if not cfg.data_dir else os.path.join(cfg.data_dir, target)
+    return cards.normalisation(cards.read_band_stats(folder), bands)
+  if cfg.checkpoint and cfg.checkpoint != "random":
+    return dict(pretrained.read_card(cfg.checkpoint).get("normalisation") or {})
+  return {}
+
+
+def save_segmenter(path: str, encoder_spec: Mapping[str, Any], params: Any,
+                   data: SegmentationData, cfg: ml_collections.ConfigDict) -> str:
+  """Saves the fine-tuned segmenter as a model folder (`pretrained.save`) whose card carries
+  the fine-tuning data's normalisation and the run's facts; returns the folder."""
+  spec = segmenter_spec(encoder_spec, data, cfg.decoder_dims)
+  provenance = {"kind": "fine-tuned", "dataset": cfg.dataset, "encoder": cfg.checkpoint,
+                "label_fraction": float(cfg.label_fraction), "seed": int(cfg.seed)}
+  card = cards.for_finetune(cards.from_spec(spec, provenance),
+                            _training_normalisation(cfg, encoder_spec["bands"]),
+                            input_size=int(data.images.shape[1]),
+                            gsd_m=B.MMEARTH_GSD_M if cfg.dataset.startswith("mmearth:") else None)
+  return pretrained.save(path, spec, params, source=f"segment on {cfg.dataset}", card=card)
 
 
 def format_metrics(result: Mapping[str, Any]) -> str:
@@ -477,4 +516,4 @@ __all__ = ["SegmentationData", "load_segmentation", "check_config", "num_steps",
            "label_subset", "subset", "confusion_matrix", "segmentation_metrics",
            "build_segmenter", "init_params", "finetune", "predict", "evaluate", "run",
            "format_metrics", "pixel_cross_entropy", "schedules", "resolve_encoder",
-           "encoder_from_config", "load_splits"]
+           "encoder_from_config", "load_splits", "segmenter_spec", "save_segmenter"]

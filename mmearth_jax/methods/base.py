@@ -80,6 +80,9 @@ class Arch:
   # input_size (None when the spec does not fix it), min_input_size, input_multiple,
   # output_stride, output_origin_px, feature_dim.
   geometry: Callable[[Mapping[str, Any]], dict] | None = None
+  # Encoders only: (module, params, images, gsd) -> (N, h, w, D) feature map, cell (i, j)
+  # centred as `geometry` says (what `embed --scene` writes).
+  dense: Callable[..., jax.Array] | None = None
 
 
 def dtype(config: ml_collections.ConfigDict) -> Any:

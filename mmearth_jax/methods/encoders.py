@@ -3,6 +3,10 @@
 A ConvNeXt V2 spec: {"arch": "convnextv2", "depths", "dims", "stem", "patch_size", "in_chans",
 "num_classes", "bands"}; a ViT spec: {"arch": "vit", "patch_size", "embed_dim", "depth",
 "num_heads", "mlp_ratio", "in_chans", "img_size", "bands", "pos_layout"}.
+
+Also the segmenter fine-tuned on a ConvNeXt V2 (`mmearth-jax segment --config.out=DIR`):
+{"arch": "unet_segmenter", "encoder": <ConvNeXt V2 spec>, "num_classes", "decoder_dims",
+"class_names"}; its parameters hold the encoder's under "encoder".
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import jax.numpy as jnp
 
 from mmearth_jax.config_lib import ConfigError
 from mmearth_jax.methods.base import Arch
+from mmearth_jax.models import unet
 from mmearth_jax.models.convnextv2 import ConvNeXtV2, stage_geometries
 from mmearth_jax.models.variants import CONVNEXTV2, VIT
 from mmearth_jax.models.vit import ViT
@@ -73,6 +78,19 @@ def _vit_features(model, params, images, gsd):
   return out[:, 0]  # the CLS token after the final norm (MAE's and Scale-MAE's kNN features)
 
 
+def _convnextv2_dense(model, params, images, gsd):
+  del gsd
+  return model.apply({"params": params}, images)  # the last stage's map, as a U-Net reads it
+
+
+def _vit_dense(model, params, images, gsd):
+  """The patch tokens after the final norm, on the patch grid."""
+  out = model.apply({"params": params}, images, pos_scale=None if gsd is None else float(gsd))
+  n, h, w, _ = images.shape
+  p = model.patch_size
+  return out[:, 1:].reshape(n, h // p, w // p, out.shape[-1])
+
+
 def convnextv2_geometry(spec: Mapping[str, Any]) -> dict:
   """A ConvNeXt V2's grid facts (see `Arch.geometry`): the final map's stride and the centre of
   its first cell in input pixels (traced through every conv), and the smallest input that still
@@ -130,7 +148,8 @@ ARCHS = (
                                                                               conv_mlp),
          features=_convnextv2_features,
          size_unit=lambda spec: 32,
-         geometry=convnextv2_geometry),
+         geometry=convnextv2_geometry,
+         dense=_convnextv2_dense),
     Arch("vit",
          build=lambda spec, dtype=jnp.float32: ViT(
              **vit_sizes(spec, dtype), pos_layout=spec.get("pos_layout", "concat")),
@@ -138,9 +157,15 @@ ARCHS = (
          export=lambda spec, params, layout, conv_mlp=None: export_vit(spec, params),
          features=_vit_features,
          size_unit=lambda spec: int(spec["patch_size"]),
-         geometry=vit_geometry),
+         geometry=vit_geometry,
+         dense=_vit_dense),
+    Arch("unet_segmenter",
+         build=lambda spec, dtype=jnp.float32: unet.from_encoder_spec(
+             spec["encoder"], spec["num_classes"], decoder_dims=tuple(spec["decoder_dims"]),
+             dtype=dtype),
+         encoder_spec=lambda spec: dict(spec["encoder"])),
 )
-ENCODERS = {a.name: a for a in ARCHS}
+ENCODERS = {a.name: a for a in ARCHS if a.encoder_spec is None}
 
 
 def build(spec: Mapping[str, Any], dtype: Any = jnp.float32):
