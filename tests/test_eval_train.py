@@ -67,10 +67,10 @@ def test_embed_cli_layouts_and_band_errors(run_dir, images, tmp_path):
   np.save(tmp_path / "x.npy", images)
   np.save(tmp_path / "x_cf.npy", images.transpose(0, 3, 1, 2))
   r = cli("embed", "--checkpoint", run_dir, "--images", str(tmp_path / "x.npy"),
-          "--out", str(tmp_path / "e.npy"))
+          "--normalised", "--out", str(tmp_path / "e.npy"))
   assert r.returncode == 0, r.stderr
   r = cli("embed", "--checkpoint", run_dir, "--images", str(tmp_path / "x_cf.npy"),
-          "--channels-first", "--out", str(tmp_path / "e_cf.npy"))
+          "--channels-first", "--normalised", "--out", str(tmp_path / "e_cf.npy"))
   assert r.returncode == 0, r.stderr
   e, e_cf = np.load(tmp_path / "e.npy"), np.load(tmp_path / "e_cf.npy")
   model = pretrained.load(run_dir)
@@ -80,7 +80,7 @@ def test_embed_cli_layouts_and_band_errors(run_dir, images, tmp_path):
   np.testing.assert_array_equal(e, e_cf)
   np.save(tmp_path / "bad.npy", images[..., :10])
   r = cli("embed", "--checkpoint", run_dir, "--images", str(tmp_path / "bad.npy"),
-          "--out", str(tmp_path / "bad_e.npy"))
+          "--normalised", "--out", str(tmp_path / "bad_e.npy"))
   assert r.returncode == 2 and "10 bands" in r.stderr and "takes 12" in r.stderr
   assert not (tmp_path / "bad_e.npy").exists()
 

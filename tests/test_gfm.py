@@ -78,7 +78,8 @@ def test_vit_simmim_replaces_exactly_the_masked_patch_embeddings():
   cell = np.repeat(np.repeat(np.asarray(mask), 2, 1), 2, 2).reshape(2, 16).astype(bool)
   for i in range(2):
     m = cell[i]
-    np.testing.assert_array_equal(masked[i, 1:][~m], plain[i, 1:][~m])
+    # Two programs (masked, plain) may fuse the LayerNorm differently: equal to float rounding.
+    np.testing.assert_allclose(masked[i, 1:][~m], plain[i, 1:][~m], rtol=0, atol=2e-6)
     np.testing.assert_array_equal(masked[i, 1:][m], other[i, 1:][m])  # the pixels do not matter
     assert not np.allclose(masked[i, 1:][m], plain[i, 1:][m])
     assert not np.allclose(masked[i, 1:][~m], other[i, 1:][~m])

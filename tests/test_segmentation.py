@@ -276,7 +276,7 @@ def test_the_default_recipe_is_the_old_segment_defaults():
               checkpoint="random", variant="atto", depths=(), dims=(), stem="mmearth",
               patch_size=8, bands="", epochs=200.0, steps=0, max_steps=0, batch_size=8, lr=3e-3,
               encoder_lr_scale=1.0, weight_decay=0.05, warmup_steps=5, freeze_fraction=0.25,
-              flips=True, decoder_dims=(), eval_batch_size=32, seed=0, json="")
+              flips=True, decoder_dims=(), eval_batch_size=32, seed=0, json="", out="")
   cfg = config_lib.load("segment")
   assert cfg.to_dict() == want
   assert config_lib.load("segment:mmearth").to_dict() == want
