@@ -96,6 +96,17 @@ def _known(spec: Mapping[str, Any]) -> Mapping[str, Any]:
   return spec
 
 
+def _encoder_fn(spec: Mapping[str, Any], dtype: jnp.dtype, gsd: float | None, kind: str
+                ) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
+  enc = encoder_spec(spec)
+  model = build(enc, dtype)
+  apply = getattr(methods.arch(enc), kind)  # Arch.features or Arch.dense
+
+  def fn(params, images):
+    return apply(model, params, images, gsd).astype(jnp.float32)
+  return fn
+
+
 def features_fn(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32, gsd: float | None = None
                 ) -> Callable[[Any, jnp.ndarray], jnp.ndarray]:
   """(encoder params, images (N, H, W, C)) -> (N, D) float32 embeddings.
@@ -104,13 +115,7 @@ def features_fn(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32, gsd: fl
   ViT: the CLS token after the final norm (MAE's and Scale-MAE's kNN features). `gsd` is the
   ViT's position-grid scale (Scale-MAE's GSD ratio; None = 1, plain MAE).
   """
-  enc = encoder_spec(spec)
-  model = build(enc, dtype)
-  features = methods.arch(enc).features
-
-  def fn(params, images):
-    return features(model, params, images, gsd).astype(jnp.float32)
-  return fn
+  return _encoder_fn(spec, dtype, gsd, "features")
 
 
 def dense_fn(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32, gsd: float | None = None
@@ -118,13 +123,7 @@ def dense_fn(spec: Mapping[str, Any], dtype: jnp.dtype = jnp.float32, gsd: float
   """(encoder params, images (N, H, W, C)) -> (N, h, w, D) float32 feature maps, laid out as the
   card's output_stride and output_origin_px say. ConvNeXt V2: the last stage's map (the features
   a U-Net decoder reads); ViT: the patch tokens after the final norm."""
-  enc = encoder_spec(spec)
-  model = build(enc, dtype)
-  dense = methods.arch(enc).dense
-
-  def fn(params, images):
-    return dense(model, params, images, gsd).astype(jnp.float32)
-  return fn
+  return _encoder_fn(spec, dtype, gsd, "dense")
 
 
 def check_images(spec: Mapping[str, Any], images: np.ndarray, what: str) -> None:
