@@ -494,7 +494,7 @@ def embed_scene(model, path: str, out: str, opts: Options | None = None, *,
     n_tiles = len(list(tiles(rows, cols)))
     fn = pretrained.features_fn(model.spec, gsd=opts.gsd) if pool else dense
     run = features.Sharded(fn, enc_params, batch_size=opts.batch_size)
-    batch = min(run.batch, run.padded(n_tiles))
+    batch = run.batch_for(n_tiles)
     tags = {"mmearth_jax_model": str(model.source), "mmearth_jax_card": json.dumps(card)}
     if pool:
       shape = write_pooled(out, reader, lambda x: run(x, batch), rows, cols, batch=batch,
@@ -538,7 +538,7 @@ def segment_scene(model, path: str, out: str, opts: Options | None = None) -> Wr
     cols = axis(src.width, tile, overlap, grid, "width")
     n_tiles = len(list(tiles(rows, cols)))
     run = features.Sharded(classes, model.params, batch_size=opts.batch_size)
-    batch = min(run.batch, run.padded(n_tiles))
+    batch = run.batch_for(n_tiles)
     tags = {"mmearth_jax_model": str(model.source),
             "class_names": json.dumps(model.spec.get("class_names") or [])}
     nodata_cells = write_map(out, reader, lambda x: run(x, batch), grid, rows, cols, count=1,

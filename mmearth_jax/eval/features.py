@@ -44,6 +44,13 @@ class Sharded:
     """The batch size a call with `n` images runs at (n rounded up to the device count)."""
     return (n + self.step - 1) // self.step * self.step
 
+  def batch_for(self, n: int) -> int:
+    """One batch size for all calls over `n` images: as few calls as `self.batch` allows, each as
+    small as covers n (25 tiles at batch 8: 4 calls of 8 would compute 7 padding tiles, 4 of 7
+    compute 3; rounded up to the device count)."""
+    calls = max(1, -(-n // self.batch))
+    return min(self.batch, self.padded(-(-n // calls)))
+
   def __call__(self, images: np.ndarray, batch: int | None = None) -> np.ndarray:
     chunk = np.asarray(images, np.float32)
     n = len(chunk)
@@ -60,6 +67,6 @@ def extract(fn: Callable[[Any, jax.Array], jax.Array], params: Any, images: np.n
             rules: Any = (), min_size: int = 2 ** 14) -> np.ndarray:
   """fn(params, images (B, H, W, C)) -> (B, D) over all of `images`, in order, as numpy."""
   run = Sharded(fn, params, batch_size=batch_size, mesh=mesh, rules=rules, min_size=min_size)
-  batch = min(run.batch, run.padded(len(images)))  # one shape for every batch: one compile
+  batch = run.batch_for(len(images))  # one shape for every batch: one compile
   out = [run(images[start:start + batch], batch) for start in range(0, len(images), batch)]
   return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
