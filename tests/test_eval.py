@@ -94,7 +94,9 @@ SMALL = {"arch": "convnextv2", "depths": [1, 1, 1, 1], "dims": [8, 16, 16, 16],
 
 def small_params(spec, size=24, seed=0):
   model = pretrained.build(spec)
-  return model.init(jax.random.key(seed), jnp.zeros((1, size, size, spec["in_chans"])))["params"]
+  # Jitted: an eager init's values, without compiling each operation on its own.
+  return jax.jit(model.init)(jax.random.key(seed),
+                             jnp.zeros((1, size, size, spec["in_chans"])))["params"]
 
 
 def test_sharded_extraction_equals_the_plain_forward():

@@ -97,8 +97,11 @@ def small_model(**kw):
 def test_heads_output_twice_and_once_the_input_resolution(patch, size):
   model = small_model(patch_size=patch)
   x = jnp.ones((2, size, size, 5))
-  v = model.init({"params": jax.random.key(0), "masking": jax.random.key(1)}, x, jnp.ones(2))
-  high, low, mask = model.apply(v, x, jnp.array([1.0, 2.0]), rngs={"masking": jax.random.key(2)})
+  # Jitted: the values of an eager call, without compiling each operation on its own.
+  v = jax.jit(model.init)({"params": jax.random.key(0), "masking": jax.random.key(1)}, x,
+                          jnp.ones(2))
+  high, low, mask = jax.jit(model.apply)(v, x, jnp.array([1.0, 2.0]),
+                                         rngs={"masking": jax.random.key(2)})
   assert high.shape == (2, 2 * size, 2 * size, 5) and low.shape == (2, size, size, 5)
   length = (size // patch) ** 2
   assert mask.shape == (2, length)
@@ -115,14 +118,15 @@ def test_patch_not_divisible_by_4_is_a_clear_error():
 def test_the_model_uses_each_samples_gsd():
   model = small_model()
   x = jnp.tile(jax.random.normal(jax.random.key(3), (1, 32, 32, 3)), (3, 1, 1, 1))
-  v = model.init({"params": jax.random.key(0), "masking": jax.random.key(1)}, x, jnp.ones(3))
+  v = jax.jit(model.init)({"params": jax.random.key(0), "masking": jax.random.key(1)}, x,
+                          jnp.ones(3))
   ids = jnp.tile(jnp.arange(4)[None], (3, 1))  # the same kept patches for every sample
-  high, low, _ = model.apply(v, x, jnp.array([1.0, 1.0, 4.0]), ids_keep=ids)
+  high, low, _ = jax.jit(model.apply)(v, x, jnp.array([1.0, 1.0, 4.0]), ids_keep=ids)
   np.testing.assert_allclose(np.asarray(high[0]), np.asarray(high[1]), atol=1e-6)
   assert float(jnp.abs(high[2] - high[0]).max()) > 1e-3
   # absolute_scale (the reference's ablation) ignores the GSD.
   flat = small_model(absolute_scale=True)
-  h2, _, _ = flat.apply(v, x, jnp.array([1.0, 1.0, 4.0]), ids_keep=ids)
+  h2, _, _ = jax.jit(flat.apply)(v, x, jnp.array([1.0, 1.0, 4.0]), ids_keep=ids)
   np.testing.assert_allclose(np.asarray(h2[2]), np.asarray(h2[0]), atol=1e-6)
 
 
@@ -178,7 +182,7 @@ def _spec():
 def test_multiscale_knn_reports_each_scale_and_the_mean():
   spec = _spec()
   model = pretrained.build(spec)
-  params = model.init({"params": jax.random.key(0), "masking": jax.random.key(1)},
+  params = jax.jit(model.init)({"params": jax.random.key(0), "masking": jax.random.key(1)},
                       jnp.ones((1, 32, 32, 3)), jnp.ones(1))["params"]
   rng = np.random.default_rng(0)
   labels = (np.arange(40) // 2) % 4  # both halves of the even/odd split hold every class
@@ -205,7 +209,7 @@ def test_multiscale_features_use_the_matching_gsd():
   spec = _spec()
   enc_spec = pretrained.encoder_spec(spec)
   enc = pretrained.build(enc_spec)
-  params = enc.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"]
+  params = jax.jit(enc.init)(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"]
   images = np.random.default_rng(2).standard_normal((4, 64, 64, 3)).astype(np.float32)
   small = resize_ops.resize(images, (16, 16), "area")
   want = pretrained.features_fn(enc_spec, gsd=2.0 * 4)(params, small)
