@@ -60,7 +60,7 @@ $(DEMO)/shards/manifest.json: | $(STAMP)
 	$(BIN)/mmearth-jax convert --src $(DEMO)/h5 --out $(DEMO)/shards --shards 8 --workers 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" --durations=25 tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow tests
