@@ -99,6 +99,17 @@ def small_params(spec, size=24, seed=0):
                              jnp.zeros((1, size, size, spec["in_chans"])))["params"]
 
 
+def test_batches_are_balanced_over_the_images():
+  """As few calls as the batch size allows, each padded as little as the 8 devices allow: 70
+  images at batch 32 run as 3 calls of 24 (2 padding rows), not 3 of 32 (26)."""
+  run = features.Sharded(lambda p, x: x.sum((1, 2)) * p, jnp.float32(2.0), batch_size=32)
+  assert (run.batch_for(70), run.batch_for(64), run.batch_for(5), run.batch_for(33)) == (24, 32,
+                                                                                          8, 24)
+  images = np.random.default_rng(0).normal(size=(70, 4, 4, 3)).astype(np.float32)
+  got = features.extract(lambda p, x: x.sum((1, 2)) * p, jnp.float32(2.0), images, batch_size=32)
+  np.testing.assert_allclose(got, images.sum((1, 2)) * 2, rtol=1e-6)
+
+
 def test_sharded_extraction_equals_the_plain_forward():
   assert jax.device_count() == 8
   params = small_params(SMALL)
