@@ -12,20 +12,22 @@ Variants
   vitb               ViT-B/16 student and teacher
   demo               a small ConvNeXt V2 on the built-in sample (RGB, 32 px crops), 2-core CPU
 
-The recipe (paper and released code; `mmendiet/GFM` builds on SimMIM's code and configs):
-100 epochs, 10 warmup, AdamW (0.9, 0.999) with weight decay 0.05, base lr 2e-4 x batch / 512
-(`optimizer.base_lr = 1e-4` here: `optim.scaled_lr` multiplies by batch / 256), gradient clipping
-at 5, random resized crop 192 (scale 0.67-1, aspect 3/4-4/3) + horizontal flip, ImageNet mean /
-std; SimMIM masking with 32 px mask patches at ratio 0.6, a 1x1 conv + pixel-shuffle decoder, L1
+The recipe: GFM's released pretraining config
+(`configs/simmim_pretrain__swin_base__img192_window6__100ep.yaml`, launched by its README on 8
+GPUs x batch 128 = 1024, with `main_teacher.py`'s defaults): 100 epochs, 10 warmup, AdamW (0.9,
+0.999) with weight decay 0.05 (SimMIM's groups: no decay on biases, 1-D tensors and the mask
+token), base lr 2e-4, warmup lr 1e-6 and min lr 1e-5, each x batch / 512 (at 1024: peak 4e-4,
+warmup from 2e-6, min 2e-5; `optimizer.base_lr = 1e-4` here, as `optim.scaled_lr` multiplies by
+batch / 256; `warmup_init_lr` and `min_lr` are absolute values: change them with the batch),
+timm's cosine schedule without a warmup prefix (`optimizer.schedule = "timm_cosine"`), gradient
+clipping at 5, mixed precision (apex O1, float16 with loss scaling, on V100s; here bfloat16, which
+needs no loss scaling), random resized crop 192 (scale 0.67-1, aspect 3/4-4/3) + horizontal flip,
+ImageNet mean / std; SimMIM masking with 32 px mask patches at ratio 0.6, a 1x1 conv + pixel-shuffle decoder, L1
 on masked pixels; distillation on the next-to-last stage, average pooled, through a Linear
 projector, loss -cosine x alpha (alpha 1); the student starts from random weights
 (`teacher.init_student = "teacher"` starts it as the teacher instead). The teacher sees the
 unmasked image resized to 224 px (bilinear, align_corners=True) as the released code feeds its
 224 px Swin teacher (`teacher.image_size`; 0 = the student's input as it is).
-Not pinned by the sources at hand: the global batch (methods.md gives none and the GFM repo ships
-no pretraining config); 2048 is SimMIM's (SimMIM's Swin-B 100-epoch recipe, which GFM's code
-inherits, also sets the final lr 1e-5 x batch / 512: `optimizer.min_lr = 4e-5` at 2048, an
-absolute value here: change it with the batch). Warmup starts at 0 rather than SimMIM's 1e-6.
 
 The teacher, from PyTorch (official ConvNeXt V2 ImageNet-22k weights, e.g.
 https://dl.fbaipublicfiles.com/convnext/convnextv2/im22k/convnextv2_base_22k_224_ema.pt; the
@@ -88,7 +90,7 @@ def get_config(variant: str = "convnextv2_base") -> ml_collections.ConfigDict:
   c.model.depth = 0
   c.model.num_heads = 0
   c.model.drop_path_rate = 0.0  # SimMIM's Swin-B recipe
-  c.model.dtype = "float32"
+  c.model.dtype = "bfloat16"  # GFM trains in mixed precision (apex O1)
   c.model.remat = False
 
   c.objective = ml_collections.ConfigDict()
@@ -115,12 +117,16 @@ def get_config(variant: str = "convnextv2_base") -> ml_collections.ConfigDict:
   c.data.resized_crop.ratio_min = 3 / 4
   c.data.resized_crop.ratio_max = 4 / 3
   c.data.resized_crop.flip = True
+  c.data.resized_crop.antialias = True  # PIL's bilinear (the reference's); False = none (torch)
   c.data.resized_crop.pre_crop = 0  # image folders: a random square crop first; 0 = off
   c.data.mean = (0.485, 0.456, 0.406)  # image folders: ImageNet's, as the teacher was trained
   c.data.std = (0.229, 0.224, 0.225)
-  c.data.global_batch_size = 2048
-  c.optimizer.base_lr = 1e-4  # x batch / 256 = GFM's 2e-4 x batch / 512
-  c.optimizer.min_lr = 4e-5  # SimMIM's 1e-5 x 2048 / 512
+  c.data.global_batch_size = 1024  # 8 GPUs x 128
+  c.optimizer.base_lr = 1e-4  # x batch / 256 = GFM's 2e-4 x batch / 512: 4e-4
+  c.optimizer.min_lr = 2e-5  # 1e-5 x 1024 / 512
+  c.optimizer.warmup_init_lr = 2e-6  # 1e-6 x 1024 / 512
+  c.optimizer.schedule = "timm_cosine"
+  c.optimizer.decay_rule = "simmim"
   c.optimizer.b2 = 0.999
   c.optimizer.weight_decay = 0.05
   c.optimizer.clip_grad_norm = 5.0
@@ -157,7 +163,9 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.resized_crop.size = 32
   c.data.global_batch_size = 16
   c.optimizer.base_lr = 2e-2  # lr 1.25e-3 at batch 16
+  c.model.dtype = "float32"  # bfloat16 is slower than float32 on a CPU
   c.optimizer.min_lr = 0.0
+  c.optimizer.warmup_init_lr = 0.0
   c.optimizer.warmup_steps = 20
   c.train.num_steps = 300
   c.train.warmup_epochs = 0.0

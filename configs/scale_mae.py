@@ -16,8 +16,9 @@ The recipe (the released code's defaults, `main_pretrain.py`): AdamW (0.9, 0.95)
 at width 512, independent FCN heads (width 512, 2 HFFB blocks), band_config (7, 56): the
 high-frequency target is target - up(down(target, 7x7)); the low target is the target at the
 input resolution. Random resized crop of scale (0.2, 1), aspect 1, bicubic, to 448 (fMoW first
-takes a random 448 crop and a horizontal flip), input = the target resized to 224, and the input's
-GSD scale r = base_resolution (2.5) x crop pixels / input pixels.
+takes a random 448 crop and a horizontal flip), input = the target resized to 224 (bilinear; both
+resizes kornia's, align_corners=True), and the input's GSD scale r = base_resolution (2.5) x
+(crop pixels - 1) / input pixels (kornia's inclusive box corners).
 
 Where the paper and the code differ, the code is the default:
   objective.high_loss  "l2" (code) | "l1" (paper: L1 on the high band, L2 on the low band)
@@ -74,6 +75,7 @@ def get_config(variant: str = "vitl") -> ml_collections.ConfigDict:
   c.data.scale.base_resolution = 2.5
   c.data.scale.pre_crop = 448  # image folders: random crop (zero-padded) before the RRC; 0 = off
   c.data.scale.flip = True
+  c.data.scale.align_corners = True  # kornia's (the reference's); False = half-pixel centres
   c.data.mean = (0.485, 0.456, 0.406)  # image folders: per-channel normalisation (ImageNet's,
   c.data.std = (0.229, 0.224, 0.225)   # which the reference uses for fMoW)
   c.data.global_batch_size = 256
@@ -130,7 +132,7 @@ def _demo(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.every_steps = 150
   c.eval.dataset = "mmearth:data/demo/shards"
   c.eval.knn_k = (10, 20)
-  # Training inputs see r = 2.5 x crop / 32 in [2.2, 5]; a whole 64 px tile at its native 10 m is
+  # Training inputs see r = 2.5 x (crop - 1) / 32 in [2.2, 4.9]; a whole 64 px tile at 10 m is
   # r = 2.5 in the same units (one source pixel per input pixel), so 2.5 / fraction at each scale.
   c.eval.gsd = 2.5
   return c

@@ -178,6 +178,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.input = "s2"  # Sentinel-2 input bands: s2 (12, no B10), rgb, s2_all, or "B4,B3,B2"
   c.outputs = "all"  # all, s2_only, rgb_only, pixel_only, image_only, or "sentinel1,biome"
   c.crop = 0  # crop size in pixels; 0 = the paper's (128 -> 112, 64 -> 56)
+  c.upstream_compat = False  # reproduce MMEarth-train's data quirks exactly (see data.pipeline)
   c.global_batch_size = 32
   c.seed = 0
   c.num_epochs = 0  # 0 = repeat forever
@@ -196,6 +197,10 @@ def optimizer_config() -> ml_collections.ConfigDict:
   c.b2 = 0.95
   c.weight_decay = 0.05
   c.warmup_steps = 0
+  c.warmup_init_lr = 0.0  # the (absolute) lr the warmup starts from
+  c.schedule = "mae"  # mae or timm_cosine (SimMIM / GFM); see mmearth_jax.optim
+  # Which tensors get weight decay: timm (MAE-family upstreams), simmim (GFM) or exempt_tokens.
+  c.decay_rule = "timm"
   c.clip_grad_norm = 0.0  # 0 = no clipping
   c.grad_accum_steps = 1
   c.layer_decay = 1.0  # 1 = off; fine-tuning uses 0.9 (ConvNeXt V2) / 0.75 (MAE)

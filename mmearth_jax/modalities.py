@@ -45,6 +45,8 @@ class Modality:
       Sentinel-2 picks `sentinel2_l1c` or `sentinel2_l2a` by the tile's `S2_type`.
     unsigned_view: the file's dtype is read as this dtype (canopy height is int8 on disk but its
       values mean 0..255).
+    upstream_label_map: raw value -> class as the reference loader (MMEarth-train) makes it,
+      where that differs from `label_map`; used only with `data.upstream_compat`.
   """
   name: str
   bands: tuple[str, ...]
@@ -56,6 +58,7 @@ class Modality:
   label_map: Mapping[int, int] | None = None
   stats_key: str | None = None
   unsigned_view: str | None = None
+  upstream_label_map: Mapping[int, int] | None = None
 
   @property
   def num_bands(self) -> int:
@@ -83,6 +86,12 @@ ESA_WORLDCOVER_CODES = (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100)
 ESA_WORLDCOVER_CLASSES = ("tree_cover", "shrubland", "grassland", "cropland", "built_up",
                           "bare_sparse_vegetation", "snow_and_ice", "permanent_water_bodies",
                           "herbaceous_wetland", "mangroves", "moss_and_lichen")
+# ESA WorldCover as the reference loader labels it: it maps the codes to 0..10, then applies its
+# no-data test (value 0) once more, so tree cover (code 10 -> class 0) is never a target; values up
+# to 10 outside the code list (1..9) are kept as those classes; anything else is missing.
+ESA_WORLDCOVER_UPSTREAM_LABELS = {
+    **{v: v for v in range(1, len(ESA_WORLDCOVER_CODES)) if v not in ESA_WORLDCOVER_CODES},
+    **{code: i for i, code in enumerate(ESA_WORLDCOVER_CODES) if i != 0}}
 NUM_BIOMES = 14
 NUM_ECOREGIONS = 846
 
@@ -106,7 +115,8 @@ MODALITIES: dict[str, Modality] = {m.name: m for m in [
              stats_key="canopy_height_eth", unsigned_view="uint8"),
     Modality("esa_worldcover", ("label",), "uint8", 0, PIXEL, SEGMENTATION,
              num_classes=len(ESA_WORLDCOVER_CODES),
-             label_map={code: i for i, code in enumerate(ESA_WORLDCOVER_CODES)}),
+             label_map={code: i for i, code in enumerate(ESA_WORLDCOVER_CODES)},
+             upstream_label_map=ESA_WORLDCOVER_UPSTREAM_LABELS),
     Modality("lat", ("sin", "cos"), "float32", _NEG_INF, IMAGE, REGRESSION, stats_key="lat"),
     Modality("lon", ("sin", "cos"), "float32", _NEG_INF, IMAGE, REGRESSION, stats_key="lon"),
     Modality("month", ("sin", "cos"), "float32", _NEG_INF, IMAGE, REGRESSION, stats_key="month"),
@@ -151,9 +161,11 @@ INPUT_PRESETS: dict[str, tuple[str, ...]] = {
     "s2_all": S2_BANDS,
 }
 
-# The 12 pretext targets of MP-MAE, in the order of the reference's `loss_fn.log_vars`.
+# The 12 pretext targets of MP-MAE in the upstream order (MMEarth's OUT_MODALITIES), which is
+# also the order of its loss's `log_vars`: an exported model puts each modality's log-variance in
+# the slot upstream reads it from.
 ALL_OUTPUTS = ("sentinel2", "sentinel1", "aster", "era5", "dynamic_world", "canopy_height_eth",
-               "lat", "lon", "month", "biome", "eco_region", "esa_worldcover")
+               "lat", "lon", "biome", "eco_region", "month", "esa_worldcover")
 
 
 OUTPUT_PRESETS = ("all", "s2_only", "rgb_only", "pixel_only", "image_only")

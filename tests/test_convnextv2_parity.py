@@ -128,7 +128,22 @@ def test_mp_mae_layout_and_counts(mp_mae_pair):
   assert sd["pred_dict.sentinel2.weight"].shape == (8 * 8 * 12, 512, 1, 1)
   assert sd["pred_dict.eco_region.weight"].shape == (846, 512)
   assert sd["encoder.initial_conv.0.weight"].shape == (40, 12, 3, 3)
-  assert _torch_count(tmodel) == _count(params)
+  # Upstream's dense FCMAE key set (it loads its files strictly): the encoder keeps ConvNeXtV2's
+  # default 1000-class classifier, unused in pretraining, which the export writes as zeros.
+  assert {k.split(".")[0] for k in sd} == {"mask_token", "loss_fn", "encoder", "proj",
+                                           "decoder_dict", "pred_dict", "layer_norm_tmp"}
+  assert {k.split(".")[1] for k in sd if k.startswith("encoder.")} == {
+      "initial_conv", "stem", "downsample_layers", "stages", "norm", "head"}
+  exported = cv.mp_mae_flax_to_torch(params, outputs)
+  assert exported["encoder.head.weight"].shape == (1000, 320)
+  assert not exported["encoder.head.weight"].any() and not exported["encoder.head.bias"].any()
+  assert _torch_count(tmodel) == _count(params) + 1000 * 321
+  # Each modality's log-variance sits in upstream's slot for it (its OUT_MODALITIES order).
+  named = dict(params, log_vars=jnp.arange(12.0))
+  log_vars = cv.mp_mae_flax_to_torch(named, outputs)["loss_fn.log_vars"].tolist()
+  assert [list(outputs)[int(i)] for i in log_vars] == [
+      "sentinel2", "sentinel1", "aster", "era5", "dynamic_world", "canopy_height_eth", "lat",
+      "lon", "biome", "eco_region", "month", "esa_worldcover"]
 
 
 def test_mp_mae_predictions_and_gradients(mp_mae_pair):

@@ -341,6 +341,7 @@ RESIZE_MODES = [
     ("bilinear", {"align_corners": True}, dict(mode="bilinear", align_corners=True)),
     ("bilinear", {"antialias": True}, dict(mode="bilinear", align_corners=False, antialias=True)),
     ("bicubic", {}, dict(mode="bicubic", align_corners=False)),
+    ("bicubic", {"align_corners": True}, dict(mode="bicubic", align_corners=True)),
     ("nearest", {}, dict(mode="nearest")),
     ("nearest-exact", {}, dict(mode="nearest-exact")),
 ]
@@ -363,6 +364,22 @@ def test_resize_matches_torch_interpolate(method, options, torch_args):
     # jnp in and out, the same numbers (one implementation for the data workers and the step)
     np.testing.assert_allclose(np.asarray(R.resize(jnp.asarray(x), size, method, **options)),
                                got, atol=2e-6)
+
+
+def test_resize_bicubic_align_corners_by_hand():
+  """[0 1 0] -> 5 samples at source 0, 1/2, 1, 3/2, 2 (the end centres aligned): integer sources
+  copy, and at t = 1/2 the Keys (a = -0.75) taps are -3/32, 19/32, 19/32, -3/32 with the tap
+  left of index 0 clamped onto it: 19/32. A 3 x 3 bump is separable: the outer product."""
+  a = np.array([0.0, 1.0, 0.0])
+  b = np.array([0.0, 19 / 32, 1.0, 19 / 32, 0.0])
+  np.testing.assert_allclose(R.matrix("bicubic", 3, 5, align_corners=True) @ a, b, atol=1e-12)
+  bump = np.outer(a, a).astype(np.float32)
+  np.testing.assert_allclose(R.resize(bump, 5, "bicubic", align_corners=True), np.outer(b, b),
+                             atol=1e-6)
+  # A ramp 0..4 to 9 samples: the interior is the ramp, the ends are copied, and next to them
+  # the clamped tap bends it: -3/32 * 0 + 19/32 * (0 + 1) - 3/32 * 2 = 13/32, not 1/2.
+  got = R.matrix("bicubic", 5, 9, align_corners=True) @ np.arange(5.0)
+  np.testing.assert_allclose(got, [0, 13 / 32, 1, 1.5, 2, 2.5, 3, 4 - 13 / 32, 4], atol=1e-12)
 
 
 def test_resize_maps_labels_sizes_and_bad_options():

@@ -24,6 +24,48 @@ def test_lr_scaling_and_mae_schedule_formula():
     assert float(sched(step)) == pytest.approx(want, rel=1e-5, abs=1e-9), step
 
 
+def test_timm_cosine_is_simmims_schedule():
+  """timm's CosineLRScheduler as GFM / SimMIM build it (warmup_t, warmup_lr_init, no warmup
+  prefix): the cosine runs over the whole run's steps, warmup included."""
+  peak, warm, total, low, init = 4e-4, 10, 100, 2e-5, 2e-6
+  sched = optim.timm_cosine(peak, warm, total, low, init)
+  for step in [0, 1, 5, 9, 10, 11, 50, 99, 100]:
+    if step < warm:
+      want = init + step * (peak - init) / warm
+    else:
+      want = low + 0.5 * (peak - low) * (1 + math.cos(math.pi * step / total))
+    assert float(sched(step)) == pytest.approx(want, rel=1e-5), step
+  # Differs from MAE's, whose cosine starts after the warmup at the peak.
+  assert float(sched(warm)) < float(optim.warmup_cosine(peak, warm, total, low, init)(warm))
+
+
+def test_decay_groups_are_the_upstreams():
+  """timm's add_weight_decay as MMEarth and Scale-MAE call it: no decay on biases and tensors
+  that are 1-D in the PyTorch model; GRN gamma / beta ((1, 1, 1, C) there), ConvNeXt's mask
+  token ((1, D, 1, 1)) and ViT's (1, 1, D) tokens are decayed. SimMIM / GFM exempt the mask token."""
+  params = dict(_params(), cls_token=jnp.ones((1, 1, 8)),
+                decoder={"mask_token": jnp.ones((1, 1, 8))})
+  timm = optim.decay_mask(params, "timm")
+  blk = timm["encoder"]["stage_0_block_0"]
+  assert blk["dwconv"]["kernel"] and blk["grn"]["gamma"] and blk["grn"]["beta"]
+  assert timm["mask_token"] and timm["cls_token"] and timm["decoder"]["mask_token"]
+  assert not any([blk["dwconv"]["bias"], blk["norm"]["scale"], blk["norm"]["bias"],
+                  timm["log_vars"], timm["head"]["bias"]])
+  simmim = optim.decay_mask(params, "simmim")
+  assert simmim["encoder"]["stage_0_block_0"]["grn"]["gamma"] and simmim["cls_token"]
+  assert not simmim["mask_token"] and not simmim["decoder"]["mask_token"]
+  old = optim.decay_mask(params, "exempt_tokens")
+  assert not old["cls_token"] and not old["encoder"]["stage_0_block_0"]["grn"]["gamma"]
+  with pytest.raises(ValueError, match="decay_rule = 'adam'"):
+    optim.decay_mask(params, "adam")
+
+
+def test_each_recipe_uses_its_upstreams_decay_groups():
+  from mmearth_jax import config_lib
+  for spec, rule in (("mp_mae:atto", "timm"), ("scale_mae:vitl", "timm"), ("gfm:convnextv2_base", "simmim")):
+    assert config_lib.load(spec).optimizer.decay_rule == rule, spec
+
+
 def _params():
   return {"encoder": {"stage_0_block_0": {"dwconv": {"kernel": jnp.ones((7, 7, 4)), "bias": jnp.ones(4)},
                                           "norm": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
@@ -34,7 +76,7 @@ def _params():
 
 
 def test_weight_decay_skips_norms_biases_grn_and_tokens():
-  mask = optim.decay_mask(_params())
+  mask = optim.decay_mask(_params(), "exempt_tokens")
   blk = mask["encoder"]["stage_0_block_0"]
   assert blk["dwconv"]["kernel"] and blk["pwconv1"]["kernel"] and mask["head"]["kernel"]
   assert not any([blk["dwconv"]["bias"], blk["norm"]["scale"], blk["norm"]["bias"],

@@ -48,7 +48,10 @@ def test_registry_band_order_and_facts():
 
 
 def test_output_presets_are_the_paper_ablations():
-  assert set(M.output_preset("all")) == set(M.ALL_OUTPUTS)
+  # Upstream's OUT_MODALITIES order (MMEarth-train MODALITIES.py), also its log_vars order.
+  upstream = ["sentinel2", "sentinel1", "aster", "era5", "dynamic_world", "canopy_height_eth",
+              "lat", "lon", "biome", "eco_region", "month", "esa_worldcover"]
+  assert list(M.output_preset("all")) == list(M.ALL_OUTPUTS) == upstream
   assert list(M.output_preset("s2_only")) == ["sentinel2"]
   assert M.output_preset("rgb_only") == {"sentinel2": ("B4", "B3", "B2")}
   pixel = M.output_preset("pixel_only")

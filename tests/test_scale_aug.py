@@ -1,5 +1,6 @@
 """Scale-MAE's scale augmentation: the crop / resize / GSD rules checked against torch's
-interpolate, the three sources (shards, image folder, mocked TFDS), errors, and resume."""
+interpolate (kornia 0.6.9's calls), GFM's crop against PIL, the three sources (shards, image
+folder, mocked TFDS), errors, and resume."""
 import os
 
 import ml_collections
@@ -47,10 +48,11 @@ def _batches(cfg, n, state=None, **kw):
   return out, st, info
 
 
-def _torch_resize(x, size, mode):
-  """(H, W, C) numpy -> (size, size, C) via F.interpolate (align_corners=False, no antialias)."""
+def _torch_resize(x, size, mode, align_corners=True):
+  """(H, W, C) numpy -> (size, size, C) via F.interpolate (no antialias); align_corners=True is
+  what kornia 0.6.9's RandomResizedCrop ("slice") and Resize pass, as the reference runs them."""
   t = torch.from_numpy(np.ascontiguousarray(x, np.float64)).permute(2, 0, 1)[None]
-  y = F.interpolate(t, size=(size, size), mode=mode, align_corners=False)
+  y = F.interpolate(t, size=(size, size), mode=mode, align_corners=align_corners)
   return y[0].permute(1, 2, 0).numpy()
 
 
@@ -91,8 +93,8 @@ def test_shapes_and_gsd_follow_the_crop_side():
     s = int(out["crop"])
     sides.add(s)
     assert round(np.sqrt(0.2) * 40) <= s <= 40
-    np.testing.assert_allclose(out["gsd"], 2.5 * s / 16, rtol=1e-6)
-    np.testing.assert_allclose(out["target_gsd"], 2.5 * s / 32, rtol=1e-6)
+    np.testing.assert_allclose(out["gsd"], 2.5 * (s - 1) / 16, rtol=1e-6)
+    np.testing.assert_allclose(out["target_gsd"], 2.5 * (s - 1) / 32, rtol=1e-6)
   assert len(sides) > 10  # the scale is really drawn
 
 
@@ -107,18 +109,21 @@ def test_gsd_is_monotone_in_the_crop_side():
     gsd[frac] = float(out["gsd"])
   values = [gsd[f] for f in sorted(gsd)]
   assert values == sorted(values) and len(set(values)) == 4
-  assert gsd[1.0] == pytest.approx(2.5 * 64 / 16) and gsd[0.25] == pytest.approx(2.5 * 32 / 16)
+  assert gsd[1.0] == pytest.approx(2.5 * 63 / 16) and gsd[0.25] == pytest.approx(2.5 * 31 / 16)
 
 
 @pytest.mark.parametrize("size,target,inp", [(37, 48, 24), (80, 48, 20), (32, 32, 32)])
-def test_full_crop_is_torch_bicubic_then_bilinear(size, target, inp):
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_full_crop_is_torch_bicubic_then_bilinear(size, target, inp, align_corners):
   x = np.random.default_rng(size).normal(size=(size, size, 4)).astype(np.float32)
-  aug = S.ScaleAugment(inp, target, 1.0, 1.0, base_resolution=1.0, flip=False, return_crop=True)
+  aug = S.ScaleAugment(inp, target, 1.0, 1.0, base_resolution=1.0, flip=False, return_crop=True,
+                       align_corners=align_corners)
   out = aug(dict(image=x), np.random.default_rng(0))
   assert out["crop"] == size
-  ref_t = _torch_resize(x, target, "bicubic")
+  ref_t = _torch_resize(x, target, "bicubic", align_corners)
   np.testing.assert_allclose(out["target"], ref_t, atol=2e-5)
-  np.testing.assert_allclose(out["image"], _torch_resize(out["target"], inp, "bilinear"),
+  np.testing.assert_allclose(out["image"],
+                             _torch_resize(out["target"], inp, "bilinear", align_corners),
                              atol=2e-5)
 
 
@@ -143,6 +148,87 @@ def test_flip_mirrors_the_image():
     assert np.array_equal(t, x) or np.array_equal(t, x[:, ::-1])
     seen.add(np.array_equal(t, x))
   assert seen == {True, False}
+
+
+def test_crop_resizes_the_box_alone_with_corners_aligned():
+  """kornia 0.6.9's RandomResizedCrop ("slice") cuts the box out and resizes it with
+  align_corners=True: a 3 x 3 bump [0 1 0] x [0 1 0] to 5 x 5 is b x b with
+  b = [0, 19/32, 1, 19/32, 0] (Keys a = -0.75 at t = 1/2: taps -3/32, 19/32, 19/32, -3/32,
+  the outer tap clamped to the box), and K.Resize back to 3 x 3 picks b[0], b[2], b[4]. The
+  1000s around the box never leak in."""
+  x = np.full((9, 9, 1), 1000.0, np.float32)
+  bump = np.outer([0.0, 1.0, 0.0], [0.0, 1.0, 0.0])
+  x[2:5, 4:7, 0] = bump
+  aug = S.ScaleAugment(3, 5, 1 / 9, 1 / 9, base_resolution=2.5, return_crop=True)
+  aug.crop_box = lambda h, w, rng: (2, 4, 3)  # the box under test
+  out = aug(dict(image=x), np.random.default_rng(0))
+  b = np.array([0.0, 19 / 32, 1.0, 19 / 32, 0.0])
+  np.testing.assert_allclose(out["target"][..., 0], np.outer(b, b), atol=1e-6)
+  np.testing.assert_allclose(out["image"][..., 0], bump, atol=1e-6)
+
+
+def test_gsd_uses_the_inclusive_box_corners():
+  """The reference: ratio = (top-right x - top-left x) / target height, with kornia's box corners
+  x0 and x0 + s - 1; target_gsd = base * ratio, gsd = target_gsd * target / input."""
+  x = np.zeros((40, 40, 3), np.float32)
+  aug = S.ScaleAugment(16, 32, 0.25, 0.25, base_resolution=2.5, flip=False, return_crop=True)
+  out = aug(dict(image=x), np.random.default_rng(0))
+  assert out["crop"] == 20
+  assert out["target_gsd"] == np.float32(2.5 * 19 / 32)
+  assert out["gsd"] == np.float32(2.5 * 19 / 16)
+
+
+def _pil_resized_crop(x, box, size):
+  """torchvision's RandomResizedCrop on a PIL image: crop, then PIL's bilinear resize (one float
+  "F" image per channel)."""
+  top, left, h, w = (int(v) for v in box)
+  return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c]), mode="F")
+                              .crop((left, top, left + w, top + h))
+                              .resize((size, size), Image.BILINEAR)) for c in range(x.shape[-1])],
+                  axis=-1)
+
+
+def test_gfm_resized_crop_is_pil_bilinear():
+  """GFM crops PIL images: the resize antialiases when shrinking (400 -> 192 halves the std of
+  noise) and is plain bilinear when enlarging; the same numbers as PIL either way."""
+  aug = S.ResizedCrop(192, flip=False, return_box=True)
+  for shape in ((400, 400), (150, 170)):
+    x = np.random.default_rng(0).normal(128, 50, size=(*shape, 2)).astype(np.float32)
+    for seed in range(3):
+      out = aug(dict(image=x), np.random.default_rng(seed))
+      want = _pil_resized_crop(x, out["box"], 192)
+      assert abs(out["image"].std() / want.std() - 1) < 1e-4, (shape, seed)
+      np.testing.assert_allclose(out["image"], want, atol=1e-3, err_msg=f"{shape} {seed}")
+  assert want.std() > 0.6 * x.std()  # enlarging: no smoothing beyond the bilinear's
+  x = np.random.default_rng(0).normal(128, 50, size=(400, 400, 1)).astype(np.float32)
+  shrunk = aug(dict(image=x), np.random.default_rng(0))["image"]
+  assert shrunk.std() < 0.6 * x.std()  # antialiased: not the ~x.std() of a point sample
+
+
+def test_recipes_default_to_the_reference_resizes():
+  """configs/scale_mae.py: kornia's align_corners=True; configs/gfm.py: PIL's antialiased
+  bilinear. The keys switch back to half-pixel / no-antialias resizes."""
+  from mmearth_jax import config_lib
+  root = os.path.join(os.path.dirname(__file__), "..", "configs")
+  x = np.random.default_rng(0).normal(size=(40, 40, 1)).astype(np.float32)
+  for variant in ("vitl", "demo"):
+    cfg = config_lib.load(f"{os.path.join(root, 'scale_mae.py')}:{variant}")
+    assert S.ScaleAugment.from_config(cfg.data.scale).align_corners is True
+  sc = cfg.data.scale
+  sc.update(align_corners=False, scale_min=1.0, flip=False)  # the whole image, half-pixel
+  out = S.ScaleAugment.from_config(sc)(dict(image=x), np.random.default_rng(0))
+  np.testing.assert_allclose(out["target"], _torch_resize(x, sc.target_size, "bicubic", False),
+                             atol=2e-5)
+  for variant in ("convnextv2_base", "demo"):
+    cfg = config_lib.load(f"{os.path.join(root, 'gfm.py')}:{variant}")
+    assert S.ResizedCrop.from_config(cfg.data.resized_crop).antialias is True
+  cfg.data.resized_crop.antialias = False
+  aug = S.ResizedCrop.from_config(cfg.data.resized_crop, return_box=True)
+  out = aug(dict(image=x), np.random.default_rng(0))
+  top, left, h, w = out["box"]
+  want = S.R.resize(x[top:top + h, left:left + w], cfg.data.resized_crop.size, "bilinear")
+  assert np.allclose(out["image"], want, atol=1e-6) or np.allclose(out["image"], want[:, ::-1],
+                                                                    atol=1e-6)
 
 
 def test_padded_pre_crop_matches_torchvision_rules(folder):
@@ -174,7 +260,7 @@ def test_image_folder_listing_and_batches(folder):
   assert info == {"num_records": 4, "bands": None, "channels": 3}
   for b in (b0, b1):
     _check_batch({k: v for k, v in b.items() if k != "crop"}, 4, 16, 32, 3)
-    np.testing.assert_allclose(b["gsd"], 2.5 * b["crop"] / 16, rtol=1e-6)
+    np.testing.assert_allclose(b["gsd"], 2.5 * (b["crop"] - 1) / 16, rtol=1e-6)
     assert (b["crop"] >= round(np.sqrt(0.2) * 48)).all() and (b["crop"] <= 48).all()
 
 
@@ -196,8 +282,8 @@ def test_one_image_full_crop_equals_torch_reference(tmp_path):
   for k in range(4):  # one image repeated
     np.testing.assert_allclose(b["target"][k], t, atol=1e-4)
     np.testing.assert_allclose(b["image"][k], _torch_resize(t, 16, "bilinear"), atol=1e-4)
-  np.testing.assert_allclose(b["gsd"], 0.3 * 24 / 16, rtol=1e-6)
-  np.testing.assert_allclose(b["target_gsd"], 0.3 * 24 / 32, rtol=1e-6)
+  np.testing.assert_allclose(b["gsd"], 0.3 * 23 / 16, rtol=1e-6)
+  np.testing.assert_allclose(b["target_gsd"], 0.3 * 23 / 32, rtol=1e-6)
 
 
 @pytest.mark.parametrize("bands,channels", [("rgb", 3), ("s2", 12)])
@@ -207,7 +293,7 @@ def test_mmearth_shards(shards64, bands, channels):
   assert info["num_records"] == 48 and info["channels"] == channels
   assert len(info["bands"]) == channels and (bands != "rgb" or info["bands"] == ["B4", "B3", "B2"])
   _check_batch({k: v for k, v in b.items() if k != "crop"}, 4, 32, 64, channels)
-  np.testing.assert_allclose(b["gsd"], 2.5 * b["crop"] / 32, rtol=1e-6)
+  np.testing.assert_allclose(b["gsd"], 2.5 * (b["crop"] - 1) / 32, rtol=1e-6)
   assert abs(b["target"].mean()) < 1.0  # z-scored bands
 
 

@@ -3,7 +3,9 @@
 Layout of an output folder:
 
     <stem>_<split>-00000-of-00008.array_record   one record per tile (`records.py` encoding),
-    ...                                          raw values, pixel modalities channels-last
+    ...                                          raw values, pixel modalities channels-last;
+                                                 meta: tile_id, S2_type, row and tile_info's
+                                                 S2_type (`source.TILE_INFO_S2_TYPE`)
     manifest.json                                written last: its presence means complete
     _progress/                                   per-shard completion notes while converting
 
@@ -65,7 +67,7 @@ def sha256_file(path: str) -> str:
 
 
 def _convert_shard(h5_path: str, names: Sequence[str], rows: Sequence[int], path: str,
-                   compression: str) -> dict:
+                   compression: str, s2_types: Sequence[str | None]) -> dict:
   """Writes one shard; returns its manifest entry. Runs in a worker process."""
   tmp = path + ".tmp"
   options = f"group_size:1,{compression}" if compression != "none" else "group_size:1,uncompressed"
@@ -74,7 +76,8 @@ def _convert_shard(h5_path: str, names: Sequence[str], rows: Sequence[int], path
   try:
     with h5py.File(h5_path, "r") as f:
       for start in range(0, len(rows), _READ_BLOCK):
-        for tile in read_rows(f, names, rows[start:start + _READ_BLOCK]):
+        block = slice(start, start + _READ_BLOCK)
+        for tile in read_rows(f, names, rows[block], s2_types[block]):
           meta = tile.pop("meta")
           rec = records.encode(tile, meta)
           raw_bytes += len(rec)
@@ -138,6 +141,8 @@ def convert(src: str, out: str, shards: int = 8, workers: int = 1, split: str = 
     _write_json_atomic(plan_path, plan)
 
   names = list(variant.modalities)
+  # tile_info's S2_type of each row goes into the record's meta (for data.upstream_compat).
+  s2_of = variant.tile_info_s2_types
   jobs, entries = [], {}
   for k in range(shards):
     path = os.path.join(out, shard_name(variant.stem, split, k, shards))
@@ -149,7 +154,7 @@ def convert(src: str, out: str, shards: int = 8, workers: int = 1, split: str = 
         entries[k] = entry
         continue
     lo, hi = k * len(rows) // shards, (k + 1) * len(rows) // shards
-    jobs.append((k, rows[lo:hi], path, done))
+    jobs.append((k, rows[lo:hi], path, done, [s2_of[r] for r in rows[lo:hi]]))
   if entries:
     log(f"resuming: {len(entries)} of {shards} shards already done")
 
@@ -161,13 +166,13 @@ def convert(src: str, out: str, shards: int = 8, workers: int = 1, split: str = 
     log(f"shard {k + 1}/{shards}: {entry['num_records']} records, {entry['bytes'] / 1e6:.1f} MB")
 
   if workers <= 1 or len(jobs) <= 1:
-    for k, shard_rows, path, done in jobs:
-      finish(k, done, _convert_shard(variant.h5_path, names, shard_rows, path, compression))
+    for k, shard_rows, path, done, s2 in jobs:
+      finish(k, done, _convert_shard(variant.h5_path, names, shard_rows, path, compression, s2))
   else:
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-      futures = {pool.submit(_convert_shard, variant.h5_path, names, r, p, compression): (k, d)
-                 for k, r, p, d in jobs}
+      futures = {pool.submit(_convert_shard, variant.h5_path, names, r, p, compression, s2): (k, d)
+                 for k, r, p, d, s2 in jobs}
       for fut in concurrent.futures.as_completed(futures):
         k, done = futures[fut]
         finish(k, done, fut.result())

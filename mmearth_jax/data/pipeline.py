@@ -20,6 +20,13 @@ Each batch is a dict of numpy arrays, all finite:
 
 NaN never leaves the pipeline; a band with degenerate statistics (std 0 or NaN, mean NaN, as for
 an all-missing band) is passed through unscaled instead of producing inf or NaN.
+
+`data.upstream_compat=True` reproduces the reference loader's data quirks exactly (MMEarth-train
+`mmearth_dataset.py`, and the biome / eco_region rule of its loss): ESA WorldCover tree cover is
+lost and values 1..9 are kept as classes (`modalities.ESA_WORLDCOVER_UPSTREAM_LABELS`), canopy
+height is signed with no no-data (`upstream_valid`), biome / eco_region are the argmax with no
+ignore (`upstream_class_label`), and Sentinel-2 is z-scored by tile_info's S2_type
+(`upstream_s2_type`). Off by default: each of them drops or corrupts targets.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from mmearth_jax import config_lib
 from mmearth_jax import modalities as M
 from mmearth_jax.data import records
 from mmearth_jax.data.convert import load_manifest, shard_paths
+from mmearth_jax.data.source import TILE_INFO_S2_TYPE
 
 
 class ShardSource(grain.sources.RandomAccessDataSource):
@@ -95,6 +103,41 @@ def paper_crop(tile_size: int) -> int:
   return {128: 112, 64: 56}.get(tile_size, tile_size - tile_size // 8)
 
 
+# ---------------------------------------------------------------------------------------------
+# data.upstream_compat: the reference loader's quirks, one function each (ESA WorldCover's is the
+# registry's `upstream_label_map`).
+
+
+def upstream_valid(m: M.Modality, x: np.ndarray) -> np.ndarray:
+  """The reference loader's no-data test on stored integers, `x != nodata` in the file's dtype.
+
+  Canopy height is int8 on disk: read as is, bytes >= 128 are negative heights, and its no-data
+  value 255 is never an int8, so nothing is missing (no-data trains as height -1).
+  """
+  info = np.iinfo(x.dtype)
+  if m.nodata is None or not info.min <= m.nodata <= info.max:
+    return np.ones(x.shape, bool)
+  return x != m.nodata
+
+
+def upstream_class_label(m: M.Modality, x: np.ndarray) -> np.int32:
+  """The reference's biome / eco_region class: the loader turns no-data entries into -1 and the
+  loss takes the argmax with no ignore, so an all-zero or no-data vector trains as class 0."""
+  return np.int32(np.argmax(np.where(x == m.nodata, -1, x.astype(np.int64))))
+
+
+def upstream_s2_type(meta: Mapping[str, Any]) -> str:
+  """The Sentinel-2 statistics the reference uses: l2a where tile_info.json's S2_type is "l2a",
+  else l1c (the HDF5 metadata's S2_type is never read)."""
+  if TILE_INFO_S2_TYPE not in meta:
+    raise ValueError(f"tile {meta.get('tile_id')}: the shards carry no tile_info S2_type, which "
+                     "data.upstream_compat needs; re-convert them with `mmearth-jax convert`")
+  s2_type = meta[TILE_INFO_S2_TYPE]
+  if s2_type is None:  # the reference's loader fails on such a tile too (KeyError)
+    raise ValueError(f"tile {meta.get('tile_id')}: tile_info.json gives no S2_type")
+  return "l2a" if s2_type == "l2a" else "l1c"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Target:
   name: str
@@ -106,8 +149,9 @@ class Transform:
   """Record bytes -> one training example (numpy). Picklable for Grain worker processes."""
 
   def __init__(self, band_stats: Mapping[str, Any], input_bands: Sequence[str],
-               outputs: Mapping[str, Sequence[str]], crop: int):
+               outputs: Mapping[str, Sequence[str]], crop: int, upstream_compat: bool = False):
     self.crop = crop
+    self.upstream_compat = upstream_compat
     s2 = M.MODALITIES["sentinel2"]
     self.input_idx = np.array(s2.band_indices(input_bands))
     self.outputs = {}
@@ -116,7 +160,10 @@ class Transform:
       lut = None
       if m.task == M.SEGMENTATION:
         lut = np.full(np.iinfo(m.dtype).max + 1, -1, np.int32)
-        for raw, cls in m.label_map.items():
+        label_map = m.label_map
+        if upstream_compat and m.upstream_label_map is not None:
+          label_map = m.upstream_label_map
+        for raw, cls in label_map.items():
           lut[raw] = cls
       self.outputs[name] = _Target(name, np.array(m.band_indices(bands)), lut)
     # (mean, 1/std) per stats key, degenerate bands made harmless.
@@ -133,13 +180,15 @@ class Transform:
 
   def zscore(self, m: M.Modality, x: np.ndarray, idx: np.ndarray, s2_type: str):
     """Selected bands of `x` (..., C) z-scored, with invalid values set to 0, and the mask."""
-    if m.unsigned_view:
+    if m.unsigned_view and not self.upstream_compat:  # upstream reads the file's dtype as is
       x = x.view(m.unsigned_view)
     x = x[..., idx]
     if np.issubdtype(x.dtype, np.floating):
       valid = np.isfinite(x)
       if m.nodata is not None and np.isfinite(m.nodata):
         valid &= x != m.nodata
+    elif self.upstream_compat:
+      valid = upstream_valid(m, x)
     else:
       valid = x != m.nodata
     key = M.stats_key_for(m, s2_type)
@@ -159,9 +208,12 @@ class Transform:
   def apply(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any],
             rng: np.random.Generator) -> dict:
     """The example of one decoded tile (pixel modalities channels-last)."""
-    s2_type = meta["S2_type"]
-    if s2_type not in M.S2_TYPES:
-      raise ValueError(f"tile {meta.get('tile_id')}: unknown S2_type {s2_type!r}")
+    if self.upstream_compat:
+      s2_type = upstream_s2_type(meta)
+    else:
+      s2_type = meta["S2_type"]
+      if s2_type not in M.S2_TYPES:
+        raise ValueError(f"tile {meta.get('tile_id')}: unknown S2_type {s2_type!r}")
     size = arrays["sentinel2"].shape[0]
     top, left = rng.integers(0, size - self.crop + 1, size=2)
     win = (slice(top, top + self.crop), slice(left, left + self.crop))
@@ -178,6 +230,8 @@ class Transform:
       elif m.task == M.SEGMENTATION:
         labels = t.lut[x[..., 0]]
         targets[name], valid[name] = labels, labels >= 0
+      elif self.upstream_compat:
+        targets[name], valid[name] = upstream_class_label(m, x), np.bool_(True)
       else:  # classification from a one-hot vector; any no-data entry makes it missing
         label = np.int32(-1) if np.any(x == m.nodata) or not x.any() else np.int32(x.argmax())
         targets[name], valid[name] = label, np.bool_(label >= 0)
@@ -212,9 +266,12 @@ def make_dataset(cfg: ml_collections.ConfigDict, *, process_index: int | None = 
                      f"by the {process_count} processes")
   manifest = load_manifest(cfg.path)
   input_bands, outputs, crop = resolve_config(cfg, manifest)
-  transform = Transform(manifest["band_stats"], input_bands, outputs, crop)
+  transform = Transform(manifest["band_stats"], input_bands, outputs, crop,
+                        upstream_compat=cfg.upstream_compat)
   source = ShardSource(shard_paths(cfg.path, manifest),
                        [s["num_records"] for s in manifest["shards"]])
+  if cfg.upstream_compat and len(source):
+    upstream_s2_type(records.decode(source[0])[1])  # shards from before it fail here, not later
   ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed)
   ds = ds.repeat(cfg.num_epochs or None)
   if cfg.num_epochs:

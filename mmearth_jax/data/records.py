@@ -8,8 +8,9 @@ One record is one tile:
     then          the arrays' raw C-order bytes, each starting at `offset` (from the record start,
                   a multiple of 16) in the stated numpy dtype string (explicit byte order).
 
-`meta` holds the tile's identity (`tile_id`, `S2_type`, source `row`). Decoding is zero-copy:
-the arrays are read-only views into the record's bytes.
+`meta` holds the tile's identity (`tile_id`, `S2_type`, source `row`) and tile_info.json's
+`S2_type` (`tile_info_S2_type`, read by `data.upstream_compat`). Decoding is zero-copy: the arrays
+are read-only views into the record's bytes.
 """
 from __future__ import annotations
 

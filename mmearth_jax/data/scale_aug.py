@@ -10,12 +10,21 @@
            flip      horizontal, probability 1/2 (`data.scale.flip`)
            crop      a square of side s = round(sqrt(u * H * W)), u ~ U(scale_min, scale_max),
                      clipped to min(H, W), at a uniform position (RandomResizedCrop, ratio 1)
-           target    the crop resized to target_size, bicubic (a = -0.75, no antialias)
-           image     the target resized to input_size, bilinear (kornia's Resize default)
-           gsd       base_resolution * s / input_size   (the reference's input resolution)
-           target_gsd  base_resolution * s / target_size
+           target    the crop cut out and resized to target_size, bicubic (a = -0.75, borders
+                     clamped, no antialias), align_corners=True
+           image     the target resized to input_size, bilinear, align_corners=True
+           gsd       base_resolution * (s - 1) / input_size   (the reference's input resolution)
+           target_gsd  base_resolution * (s - 1) / target_size
       -> batch (this host's share of the global batch) -> this host's slice of batches
       -> threads / worker processes
+
+The two resizes are kornia's (0.6.9; the same in 0.6.6 - 0.7.0): RandomResizedCrop's default
+cropping_mode "slice" cuts the box out and calls F.interpolate(align_corners=True), and K.Resize
+does the same to the whole target. The GSD uses kornia's inclusive box corners: the reference's
+ratio is (top-right x - top-left x) / target height = (s - 1) / target_size (`lib/transforms.py`
+CustomCompose), times base_resolution, times target / input for the input
+(`dataloaders/utils.py` TransformCollateFn). `data.scale.align_corners = False` resizes with
+half-pixel centres instead (torch's default; this library's behaviour before).
 
 Sources, by `data.images`:
     ""                 the MMEarth shards at `data.path` (bands `data.input`)
@@ -33,7 +42,9 @@ Each batch is a dict of numpy arrays, all finite:
 
 GFM / SimMIM's augmentation (`make_crop_dataset`, data section `data.resized_crop`) reads the same
 sources and replaces the scale augmentation by torchvision's RandomResizedCrop(size, scale,
-ratio) (10 tries, then a centre crop; bilinear) and a horizontal flip, giving {"image"} alone.
+ratio) (10 tries, then a centre crop) and a horizontal flip, giving {"image"} alone. The reference
+crops PIL images, so the resize is PIL's bilinear, which widens its kernel when shrinking
+(antialias); `data.resized_crop.antialias = False` resizes as torch's interpolate without it.
 
 Resizes are `mmearth_jax.ops.resize` (equal to torch's `F.interpolate`): two small separable
 matrices, so a 448 px bicubic resize costs a few ms.
@@ -84,11 +95,12 @@ class ScaleAugment(grain.transforms.RandomMap):
   """{"image": (H, W, C)} -> {"image", "target", "gsd", "target_gsd"} (see the module docstring).
 
   `return_crop` adds "crop": the side of the square taken from the image, in its pixels.
+  `align_corners` is kornia's resize flag (True, the reference's) for both resizes.
   """
 
   def __init__(self, input_size: int, target_size: int, scale_min: float = 0.2,
                scale_max: float = 1.0, base_resolution: float = 1.0, flip: bool = False,
-               return_crop: bool = False):
+               return_crop: bool = False, align_corners: bool = True):
     _check_scale(input_size, target_size, scale_min, scale_max, base_resolution)
     self.input_size = int(input_size)
     self.target_size = int(target_size)
@@ -97,11 +109,13 @@ class ScaleAugment(grain.transforms.RandomMap):
     self.base_resolution = float(base_resolution)
     self.flip = bool(flip)
     self.return_crop = bool(return_crop)
+    self.align_corners = bool(align_corners)
 
   @classmethod
   def from_config(cls, scale: ml_collections.ConfigDict, **kw) -> "ScaleAugment":
     return cls(scale.input_size, scale.target_size, scale.scale_min, scale.scale_max,
-               scale.base_resolution, scale.flip, **kw)
+               scale.base_resolution, scale.flip,
+               align_corners=scale.get("align_corners", True), **kw)
 
   def crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int]:
     """(top, left, side) of a RandomResizedCrop with aspect ratio 1.
@@ -123,10 +137,12 @@ class ScaleAugment(grain.transforms.RandomMap):
     if self.flip and rng.random() < 0.5:
       x = x[:, ::-1]
     top, left, side = self.crop_box(x.shape[0], x.shape[1], rng)
+    # kornia's "slice" crop: taps near the box edge read clamped crop pixels, not the image.
     crop = np.ascontiguousarray(x[top:top + side, left:left + side])
-    target = R.resize(crop, self.target_size, "bicubic")
-    image = R.resize(target, self.input_size, "bilinear")
-    target_gsd = self.base_resolution * side / self.target_size
+    target = R.resize(crop, self.target_size, "bicubic", align_corners=self.align_corners)
+    image = R.resize(target, self.input_size, "bilinear", align_corners=self.align_corners)
+    # The reference's box spans corner x to corner x + side - 1: side - 1 pixels, over target.
+    target_gsd = self.base_resolution * (side - 1) / self.target_size
     out = {"image": image.astype(np.float32, copy=False),
            "target": target.astype(np.float32, copy=False),
            "gsd": np.float32(target_gsd * self.target_size / self.input_size),
@@ -166,13 +182,14 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
 
 
 class ResizedCrop(grain.transforms.RandomMap):
-  """{"image": (H, W, C)} -> {"image": (size, size, C)}: a RandomResizedCrop (bilinear, as
-  torch's interpolate without antialiasing) then a horizontal flip with probability 1/2 (GFM's
-  SimMIMTransform order). `return_box` adds "box": (top, left, height, width) of the crop."""
+  """{"image": (H, W, C)} -> {"image": (size, size, C)}: a RandomResizedCrop (bilinear) then a
+  horizontal flip with probability 1/2 (GFM's SimMIMTransform order). `antialias` (True) is PIL's
+  bilinear, which the reference's PIL images get; False is torch's interpolate without it.
+  `return_box` adds "box": (top, left, height, width) of the crop."""
 
   def __init__(self, size: int, scale_min: float = 0.67, scale_max: float = 1.0,
                ratio_min: float = 3 / 4, ratio_max: float = 4 / 3, flip: bool = True,
-               return_box: bool = False):
+               return_box: bool = False, antialias: bool = True):
     if not size > 0:
       raise ValueError(f"config data.resized_crop.size = {size} must be > 0")
     for name, v in (("scale_min", scale_min), ("scale_max", scale_max)):
@@ -190,10 +207,12 @@ class ResizedCrop(grain.transforms.RandomMap):
     self.ratio = (float(ratio_min), float(ratio_max))
     self.flip = bool(flip)
     self.return_box = bool(return_box)
+    self.antialias = bool(antialias)
 
   @classmethod
   def from_config(cls, rc: ml_collections.ConfigDict, **kw) -> "ResizedCrop":
-    return cls(rc.size, rc.scale_min, rc.scale_max, rc.ratio_min, rc.ratio_max, rc.flip, **kw)
+    return cls(rc.size, rc.scale_min, rc.scale_max, rc.ratio_min, rc.ratio_max, rc.flip,
+               antialias=rc.get("antialias", True), **kw)
 
   def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict:
     x = np.asarray(element["image"], np.float32)
@@ -202,7 +221,8 @@ class ResizedCrop(grain.transforms.RandomMap):
     top, left, h, w = random_resized_crop_box(x.shape[0], x.shape[1], self.scale, self.ratio,
                                               rng)
     crop = np.ascontiguousarray(x[top:top + h, left:left + w])
-    image = R.resize(crop, (self.size, self.size), "bilinear")
+    # PIL's bilinear (torch antialias=True's rule): the triangle widens by the shrink factor.
+    image = R.resize(crop, (self.size, self.size), "bilinear", antialias=self.antialias)
     if self.flip and rng.random() < 0.5:
       image = np.ascontiguousarray(image[:, ::-1])
     out = {"image": image.astype(np.float32, copy=False)}

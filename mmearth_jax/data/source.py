@@ -21,6 +21,9 @@ class SourceError(ValueError):
 
 
 COMPANIONS = ("band_stats", "splits", "tile_info")
+# Record meta key: the tile's S2_type as tile_info.json gives it (the reference loader picks the
+# Sentinel-2 statistics by it; this library by the HDF5 metadata's).
+TILE_INFO_S2_TYPE = "tile_info_S2_type"
 
 
 @dataclasses.dataclass
@@ -35,6 +38,7 @@ class Variant:
   band_stats: dict
   splits: dict
   tile_info: dict
+  tile_info_s2_types: list[str | None]  # per HDF5 row, tile_info's S2_type (None: absent)
 
   def companion(self, name: str) -> str:
     return os.path.join(self.folder, f"{self.stem}_{name}.json")
@@ -129,13 +133,17 @@ def open_variant(folder: str, modalities: Sequence[str] | None = None,
   absent = sorted(k for k in need if k not in stats)
   if absent:
     raise SourceError(f"{os.path.join(folder, stem + '_band_stats.json')}: missing keys {absent}")
-  return Variant(folder, stem, h5_path, n, size or 0, names, stats, splits, tile_info)
+  s2_types = [tile_info[t].get("S2_type") if isinstance(tile_info.get(t), dict) else None
+              for t in tile_ids]
+  return Variant(folder, stem, h5_path, n, size or 0, names, stats, splits, tile_info, s2_types)
 
 
-def read_rows(f: h5py.File, names: Sequence[str], rows: Sequence[int]) -> list[dict]:
+def read_rows(f: h5py.File, names: Sequence[str], rows: Sequence[int],
+              tile_info_s2_types: Sequence[str | None] | None = None) -> list[dict]:
   """Reads `rows` (any order) of the datasets `names` plus metadata, one dict per row.
 
   Pixel modalities come back channels-last `(H, W, C)`; a read failure names file, dataset, rows.
+  `tile_info_s2_types` (one per row of `rows`) goes into each meta as `TILE_INFO_S2_TYPE`.
   """
   rows = np.asarray(rows)
   order = np.argsort(rows, kind="stable")
@@ -157,4 +165,6 @@ def read_rows(f: h5py.File, names: Sequence[str], rows: Sequence[int]) -> list[d
     md = out[i].pop("metadata")
     out[i]["meta"] = {"tile_id": md["tile_id"].decode(), "S2_type": md["S2_type"].decode(),
                       "row": int(r)}
+    if tile_info_s2_types is not None:
+      out[i]["meta"][TILE_INFO_S2_TYPE] = tile_info_s2_types[i]
   return out

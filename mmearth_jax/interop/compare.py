@@ -36,21 +36,31 @@ def torch_encoder(spec: Mapping[str, Any], layout: str, image_hw: tuple[int, int
   raise ValueError(f"no reference module for arch {spec['arch']!r} in layout {layout!r}")
 
 
+def _tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+  return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+
+
 def torch_features(spec: Mapping[str, Any], path: str, layout: str, images: np.ndarray
                    ) -> np.ndarray:
   """Embeddings of `images` (N, H, W, C) by the reference module loaded from the file `path`."""
   state = torch_io.load_state_dict(path)
-  if spec["arch"] == "mp_mae" and layout == "mmearth":  # the full MP-MAE: keep the encoder
-    state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-  model = torch_encoder(spec, layout, images.shape[1:3])
-  if spec["arch"] in ("vit", "mae", "scale_mae"):
-    # The reference computes its own sin-cos table for this image size (Scale-MAE's at GSD 1, the
-    # scale our `embed` uses by default); keep encoder keys only.
-    own = set(model.state_dict())
-    state = {k: v for k, v in state.items() if k in own and k != "pos_embed"}
-    state["pos_embed"] = model.pos_embed.detach().numpy()
-  model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
-                        strict=True)
+  if spec["arch"] == "mp_mae" and layout == "mmearth":
+    # The whole file loads strictly into the reference MP-MAE (upstream's key set); its encoder
+    # gives the embedding.
+    full = tc.MPMAETorch(spec["outputs"], in_chans=int(spec["in_chans"]), stem=spec["stem"],
+                         patch_size=int(spec["patch_size"]), decoder_dim=int(spec["decoder_dim"]),
+                         depths=spec["depths"], dims=spec["dims"])
+    full.load_state_dict(_tensors(state), strict=True)
+    model = full.encoder
+  else:
+    model = torch_encoder(spec, layout, images.shape[1:3])
+    if spec["arch"] in ("vit", "mae", "scale_mae"):
+      # The reference computes its own sin-cos table for this image size (Scale-MAE's at GSD 1,
+      # the scale our `embed` uses by default); keep encoder keys only.
+      own = set(model.state_dict())
+      state = {k: v for k, v in state.items() if k in own and k != "pos_embed"}
+      state["pos_embed"] = model.pos_embed.detach().numpy()
+    model.load_state_dict(_tensors(state), strict=True)
   model.eval()
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), np.float32))
   with torch.no_grad():

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from mmearth_jax import modalities as M
-from mmearth_jax.interop.torch_convnextv2 import head_width
+from mmearth_jax.interop.torch_convnextv2 import PRETRAIN_ENCODER_CLASSES, head_width
 from mmearth_jax.interop.trees import flatten as _flatten, unflatten as _unflatten
 from mmearth_jax.interop.trees import to_numpy as _to_numpy, to_torch as _to_torch
 
@@ -393,7 +393,9 @@ def mp_mae_flax_to_torch(params: Mapping, outputs: Mapping[str, Sequence[str]]
 
   `outputs`: {modality: bands} as given to `MPMAE`; its order is the order of
   `loss_fn.log_vars`. The shared decoder block is written under every
-  `decoder_dict.<modality>.0.*`, as the reference's checkpoints hold it.
+  `decoder_dict.<modality>.0.*`, as the reference's checkpoints hold it. The encoder's unused
+  classifier `encoder.head.*` (PRETRAIN_ENCODER_CLASSES x width) is written as zeros, so that the
+  file loads with `strict=True` into upstream's FCMAE.
   """
   flat = _flatten(_unwrap_params(params))
   layout = _stem_layout(("encoder", "initial_conv", "kernel") in flat)
@@ -401,14 +403,24 @@ def mp_mae_flax_to_torch(params: Mapping, outputs: Mapping[str, Sequence[str]]
             if (f"head_{n}", "kernel") in flat}
   spec = _mp_mae_spec(layout, depths_from_flax(flat, ("encoder",)), outputs,
                       patch_size_from(outputs, widths))
-  return _flax_to_torch(flat, spec, "mp_mae_flax_to_torch")
+  converted = _flax_to_torch(flat, spec, "mp_mae_flax_to_torch")
+  out: dict[str, torch.Tensor] = {}
+  for key, value in converted.items():
+    out[key] = value
+    if key == "encoder.norm.bias":  # upstream's order: the head follows the final norm
+      width = value.shape[0]
+      out["encoder.head.weight"] = torch.zeros(PRETRAIN_ENCODER_CLASSES, width, dtype=value.dtype)
+      out["encoder.head.bias"] = torch.zeros(PRETRAIN_ENCODER_CLASSES, dtype=value.dtype)
+  return out
 
 
 def mp_mae_torch_to_flax(state_dict: Mapping[str, Any], outputs: Mapping[str, Sequence[str]]
                          ) -> dict:
   """The reference's MP-MAE state dict -> Flax `MPMAE` params; the repeated decoder blocks
-  must be identical (they are one shared block)."""
+  must be identical (they are one shared block). `encoder.head.*` (unused) is dropped."""
   sd = _unwrap_state_dict(state_dict)
+  # The encoder's classifier is never trained in pretraining; the Flax MPMAE has none.
+  sd = {k: v for k, v in sd.items() if not k.startswith("encoder.head.")}
   layout = _stem_layout("encoder.initial_conv.0.weight" in sd)
   widths = {n: int(np.shape(sd[f"pred_dict.{n}.weight"])[0]) for n in outputs
             if f"pred_dict.{n}.weight" in sd}

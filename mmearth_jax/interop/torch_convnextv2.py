@@ -33,6 +33,9 @@ from mmearth_jax import modalities as M
 from mmearth_jax.models.variants import CONVNEXTV2
 
 VARIANTS = CONVNEXTV2
+# Upstream's FCMAE builds its dense encoder with ConvNeXtV2's default 1000-class head, which
+# pretraining never calls; a strict load of an MP-MAE state dict expects it all the same.
+PRETRAIN_ENCODER_CLASSES = 1000
 
 LN_EPS = 1e-6
 
@@ -471,12 +474,15 @@ class MPMAETorch(nn.Module):
     depths, dims = depths or VARIANTS[variant][0], dims or VARIANTS[variant][1]
     self.outputs = {k: tuple(v) for k, v in outputs.items()}
     self.patch_size = patch_size
+    # Upstream's FCMAE builds the encoder with its default classifier (never used here), so
+    # this module has upstream's full key set and loads its files strictly.
+    classes = PRETRAIN_ENCODER_CLASSES
     if stem == "mmearth":
-      self.encoder = ConvNeXtV2MMEarth(in_chans, depths, dims, patch_size,
+      self.encoder = ConvNeXtV2MMEarth(in_chans, depths, dims, patch_size, num_classes=classes,
                                        drop_path_rate=drop_path_rate)
     elif stem == "official":
       self.encoder = ConvNeXtV2Official(in_chans, depths, dims, patch_size=patch_size,
-                                        drop_path_rate=drop_path_rate)
+                                        num_classes=classes, drop_path_rate=drop_path_rate)
     else:
       raise ValueError(f"unknown stem {stem!r}; choose 'official' or 'mmearth'")
     self.proj = nn.Conv2d(dims[-1], decoder_dim, kernel_size=1)

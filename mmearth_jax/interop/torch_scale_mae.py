@@ -30,10 +30,11 @@ Conversion (only transposes, so Flax -> torch -> Flax is bit-exact): Dense (in, 
 (out, in); Conv (kh, kw, in/groups, out) -> (out, in/groups, kh, kw); ConvTranspose (k, k, in, out)
 -> (in, out, k, k); LayerNorm scale -> weight (Norm2d's inside `.ln`). The Flax model holds no
 position table and no `mask_token_decoder` (the release uses it only for multi-scale decoding),
-so `flax_to_torch_scale_mae` fills `pos_embed` / `decoder_pos_embed` with MAE's fixed sin-cos
-tables for `img_size` (what the release's `initialize_weights` writes) and `mask_token_decoder`
-with zeros (its initial value; it gets no gradient in single-scale pretraining, so released
-checkpoints hold zeros too); `torch_to_flax_scale_mae` drops them.
+so `flax_to_torch_scale_mae` fills them as the release's `initialize_weights` leaves them:
+`pos_embed` with MAE's fixed sin-cos table for `img_size`, `decoder_pos_embed` with zeros (the
+release never fills it: its decoder computes GSD-scaled tables on the fly) and
+`mask_token_decoder` with zeros (its initial value; it gets no gradient in single-scale
+pretraining). Released checkpoints hold exactly these; `torch_to_flax_scale_mae` drops them.
 """
 from __future__ import annotations
 
@@ -175,8 +176,9 @@ class ScaleMAETorch(nn.Module):
     self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
     self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
     self.mask_token_decoder = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))  # unused here
-    self.decoder_pos_embed = nn.Parameter(
-        tv.sincos_2d_torch(decoder_embed_dim, grid, grid, True)[None], requires_grad=False)
+    # The release leaves it at zeros (its decoder computes GSD-scaled tables instead).
+    self.decoder_pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, decoder_embed_dim),
+                                          requires_grad=False)
     self.fpn = FPNHead(decoder_embed_dim, progressive)
     head = (decoder_embed_dim, fcn_dim, fcn_layers, out_chans, patch_size // 4)
     if independent_fcn_head:
@@ -325,8 +327,9 @@ def flax_to_torch_scale_mae(params: Mapping, *, img_size: int | tuple[int, int] 
   """Flax `ScaleMAE` params -> a state dict that the release's `MaskedAutoencoderViT` (and
   `ScaleMAETorch`) loads with strict=True, keys in its order.
 
-  Filled (the Flax model holds none of them): `pos_embed` / `decoder_pos_embed`, MAE's fixed
-  sin-cos tables (1, L + 1, D) for `img_size` (int or (H, W)), and `mask_token_decoder` zeros.
+  Filled (the Flax model holds none of them), as the release's init leaves them: `pos_embed`,
+  MAE's fixed sin-cos table (1, L + 1, D) for `img_size` (int or (H, W)); `decoder_pos_embed`
+  and `mask_token_decoder` zeros.
   A `{"params": ...}` wrapper is accepted.
   """
   if set(params) == {"params"}:
@@ -362,7 +365,7 @@ def flax_to_torch_scale_mae(params: Mapping, *, img_size: int | tuple[int, int] 
   dd = sd["mask_token"].shape[-1]
   h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
   p = sd["patch_embed.proj.weight"].shape[-1]
-  sd["decoder_pos_embed"] = tv.sincos_2d_torch(dd, h // p, w // p, True)[None].numpy()
+  sd["decoder_pos_embed"] = np.zeros((1, (h // p) * (w // p) + 1, dd), sd["mask_token"].dtype)
   sd["mask_token_decoder"] = np.zeros((1, 1, dd), sd["mask_token"].dtype)
 
   want = expected_keys(**structure(sd))

@@ -2,7 +2,8 @@
 uncertainty-weighted losses. Recipes: configs/mp_mae.py.
 
 Spec: {"arch": "mp_mae", <the ConvNeXt V2 encoder keys>, "decoder_dim", "outputs": {modality:
-[bands]}}; the encoder's parameters are params["encoder"].
+[bands]}}; the encoder's parameters are params["encoder"]. `model.weight_init` is a training
+choice only: a built model's weights are loaded, so the spec does not record it.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import ml_collections
 
 from mmearth_jax import optim
 from mmearth_jax import modalities as M
+from mmearth_jax.config_lib import ConfigError
 from mmearth_jax.methods import base, encoders
-from mmearth_jax.models.mp_mae import MPMAE
+from mmearth_jax.models.mp_mae import WEIGHT_INITS, MPMAE
 from mmearth_jax.objectives.mp_mae import mp_mae_loss
 
 NAME = "mp_mae"
@@ -36,10 +38,13 @@ def make_data(config: ml_collections.ConfigDict) -> tuple[Iterator, base.DataInf
 
 def task(config: ml_collections.ConfigDict, info: base.DataInfo) -> base.Task:
   c, o = config.model, config.objective
+  if c.weight_init not in WEIGHT_INITS:
+    raise ConfigError(f"config model.weight_init = {c.weight_init!r}; choose from "
+                      f"{list(WEIGHT_INITS)}")
   model = MPMAE(outputs=dict(info.outputs), variant=c.variant, depths=tuple(c.depths) or None,
                 dims=tuple(c.dims) or None, stem=c.stem, patch_size=c.patch_size,
                 decoder_dim=c.decoder_dim, drop_path_rate=c.drop_path_rate,
-                dtype=base.dtype(config), remat=c.remat)
+                dtype=base.dtype(config), remat=c.remat, weight_init=c.weight_init)
   names = list(info.outputs)
 
   def init(rng, batch):

@@ -14,7 +14,7 @@ unpadded 3x3 stem conv leaves a 6x6 map under a 7x7 patch grid.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -30,8 +30,36 @@ VARIANTS = CONVNEXTV2
 LN_EPS = 1e-6
 # torch's nn.GELU default is the exact erf form.
 gelu = lambda x: nn.gelu(x, approximate=False)  # noqa: E731
+Initializer = Callable[..., jax.Array]  # (key, shape, dtype) -> array, as nn.initializers
+
 # Weight init of the reference: trunc_normal(std=.02) for convs and linears, zero biases.
+# Flax's truncated_normal cuts at +-2 std and does not rescale: sample std about 0.018.
 trunc_normal_init = nn.initializers.truncated_normal(0.02)
+
+
+def timm_trunc_normal(std: float = 1.0) -> Initializer:
+  """timm's `trunc_normal_(w, std=std)`: N(0, std^2) cut at the ABSOLUTE bounds -2, 2.
+
+  Flax's `truncated_normal` takes its bounds in units of std and does not rescale, so bounds
+  -2/std, 2/std give the same distribution, by the same inverse-CDF sampling: std 1 is cut at
+  2 sigma (sample std 0.88), std 0.02 in effect not at all (sample std 0.02).
+  """
+  return nn.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
+
+
+# The encoder's kernel initialisers by `ConvNeXtV2.weight_init`, per layer kind: "conv" (full
+# convs: stem, downsampling), "depthwise" (the blocks' 7x7 dwconv and MMEarth's depthwise stem
+# conv), "pointwise" (the blocks' pwconv1/pwconv2). Biases are zero, norms 1/0, GRN 0 in all.
+ENCODER_INITS = {
+    # This package's default for every ConvNeXt V2: Flax truncated_normal(0.02) on all kernels.
+    "trunc_normal_0.02": {"conv": trunc_normal_init, "depthwise": trunc_normal_init,
+                          "pointwise": trunc_normal_init},
+    # FCMAE's rule on its sparse encoder, which overrides the encoder's own init: timm std .02
+    # on MinkowskiConvolution, timm's default std 1 on MinkowskiDepthwiseConvolution and
+    # MinkowskiLinear.
+    "fcmae": {"conv": timm_trunc_normal(0.02), "depthwise": timm_trunc_normal(1.0),
+              "pointwise": timm_trunc_normal(1.0)},
+}
 
 
 class LayerNorm(nn.LayerNorm):
@@ -65,12 +93,13 @@ class DepthwiseConv(nn.Module):
   kernel_size: int = 7
   padding: int = 3
   impl: str = "auto"
+  kernel_init: Initializer = trunc_normal_init
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     c = x.shape[-1]
     k = self.kernel_size
-    kernel = self.param("kernel", trunc_normal_init, (k, k, c))
+    kernel = self.param("kernel", self.kernel_init, (k, k, c))
     bias = self.param("bias", nn.initializers.zeros, (c,))
     return depthwise_conv2d(x, kernel.astype(x.dtype), bias.astype(x.dtype), padding=self.padding,
                             impl=self.impl)
@@ -85,11 +114,12 @@ class Conv(nn.Module):
   padding: int = 0
   groups: int = 1
   dtype: jnp.dtype = jnp.float32
+  kernel_init: Initializer = trunc_normal_init
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     k = self.kernel_size
-    kernel = self.param("kernel", trunc_normal_init,
+    kernel = self.param("kernel", self.kernel_init,
                         (k, k, x.shape[-1] // self.groups, self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
@@ -111,6 +141,8 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dwconv_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
+  dwconv_init: Initializer = trunc_normal_init
+  pwconv_init: Initializer = trunc_normal_init
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None,
@@ -118,16 +150,16 @@ class Block(nn.Module):
     """`mask`: (N, H, W, 1), 1 = visible; None = no masking."""
     keep = (lambda y: y * mask) if mask is not None else (lambda y: y)
     shortcut = x
-    y = DepthwiseConv(7, 3, self.dwconv_impl, name="dwconv")(keep(x))
+    y = DepthwiseConv(7, 3, self.dwconv_impl, self.dwconv_init, name="dwconv")(keep(x))
     y = keep(y)
     y = LayerNorm(dtype=self.dtype, name="norm")(y)
     # Pointwise layers as one 2-D matmul: XLA:CPU runs a 4-D Dense 2-3x slower.
     n, h, w, _ = y.shape
-    y = nn.Dense(4 * self.dim, dtype=self.dtype, kernel_init=trunc_normal_init,
+    y = nn.Dense(4 * self.dim, dtype=self.dtype, kernel_init=self.pwconv_init,
                  name="pwconv1")(y.reshape(n * h * w, self.dim))
     y = gelu(y).reshape(n, h, w, 4 * self.dim)
     y = keep(GRN(name="grn")(keep(y)))
-    y = nn.Dense(self.dim, dtype=self.dtype, kernel_init=trunc_normal_init,
+    y = nn.Dense(self.dim, dtype=self.dtype, kernel_init=self.pwconv_init,
                  name="pwconv2")(y.reshape(n * h * w, 4 * self.dim)).reshape(n, h, w, self.dim)
     rng = self.make_rng("drop_path") if train and self.drop_path > 0 else None
     return shortcut + drop_path(y, self.drop_path, rng)
@@ -199,6 +231,7 @@ class ConvNeXtV2(nn.Module):
   masked, it runs the FCMAE masked encoder and zeroes the masked positions of the output.
   `features` returns LayerNorm(global average pool), the reference's `forward_features`;
   `num_classes > 0` adds the classification head (`head`) applied to it.
+  `weight_init` names the kernel initialisers (`ENCODER_INITS`); the head keeps trunc_normal.
   """
   depths: Sequence[int] = (2, 2, 6, 2)
   dims: Sequence[int] = (40, 80, 160, 320)
@@ -209,31 +242,38 @@ class ConvNeXtV2(nn.Module):
   dwconv_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
   remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
+  weight_init: str = "trunc_normal_0.02"
 
   def setup(self):
+    if self.weight_init not in ENCODER_INITS:
+      raise ValueError(f"unknown weight_init {self.weight_init!r}; choose from "
+                       f"{list(ENCODER_INITS)}")
+    inits = ENCODER_INITS[self.weight_init]
     d0 = self.dims[0]
     if self.stem == "official":
-      self.stem_conv = Conv(d0, 4, 4, dtype=self.dtype)
+      self.stem_conv = Conv(d0, 4, 4, dtype=self.dtype, kernel_init=inits["conv"])
     elif self.stem == "mmearth":
       if self.patch_size % 8:
         raise ValueError(f"stem 'mmearth' needs patch_size divisible by 8, got {self.patch_size}")
-      self.initial_conv = Conv(d0, 3, dtype=self.dtype)
+      self.initial_conv = Conv(d0, 3, dtype=self.dtype, kernel_init=inits["conv"])
       self.initial_norm = LayerNorm(dtype=self.dtype)
       k = self.patch_size // 8
-      self.stem_conv = Conv(d0, k, k, k // 2, groups=d0, dtype=self.dtype)
+      self.stem_conv = Conv(d0, k, k, k // 2, groups=d0, dtype=self.dtype,
+                            kernel_init=inits["depthwise"])
     else:
       raise ValueError(f"unknown stem {self.stem!r}; choose 'official' or 'mmearth'")
     self.stem_norm = LayerNorm(dtype=self.dtype)
     self.downsample_norms = [LayerNorm(dtype=self.dtype, name=f"downsample_{i}_norm")
                              for i in range(1, 4)]
-    self.downsample_convs = [Conv(self.dims[i], 2, 2, dtype=self.dtype, name=f"downsample_{i}_conv")
-                             for i in range(1, 4)]
+    self.downsample_convs = [Conv(self.dims[i], 2, 2, dtype=self.dtype, kernel_init=inits["conv"],
+                                  name=f"downsample_{i}_conv") for i in range(1, 4)]
     rates = np.linspace(0, self.drop_path_rate, sum(self.depths)).tolist()
     block = remat_block(Block) if self.remat else Block
     blocks, n = [], 0
     for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
-      blocks.append([block(dim, rates[n + j], self.dwconv_impl, self.dtype,
-                           name=f"stage_{i}_block_{j}") for j in range(depth)])
+      blocks.append([block(dim, rates[n + j], self.dwconv_impl, self.dtype, inits["depthwise"],
+                           inits["pointwise"], name=f"stage_{i}_block_{j}")
+                     for j in range(depth)])
       n += depth
     self.blocks = blocks
     self.norm = LayerNorm(dtype=self.dtype)

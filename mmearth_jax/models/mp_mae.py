@@ -10,6 +10,12 @@ The reference runs the shared block once per output modality on the same input; 
 and feeding every head is the same forward and gradient with a twelfth of the arithmetic.
 Head widths come from the modality registry: regression predicts the selected bands,
 segmentation and classification predict class logits.
+
+`weight_init` "fcmae" (the default) is the reference's FCMAE init, which MMEarth pretrains from:
+by layer type of its sparse encoder and dense decoder, timm trunc_normal std 1 on the depthwise
+convs, the encoder's pointwise linears, the projection, the decoder's depthwise conv and the
+pixel heads; std .02 on the full encoder convs, the decoder's pointwise linears and the image
+heads; mask token N(0, .02). "trunc_normal_0.02" is the earlier init of this package.
 """
 from __future__ import annotations
 
@@ -21,7 +27,19 @@ import jax.numpy as jnp
 
 from mmearth_jax import modalities as M
 from mmearth_jax.models.convnextv2 import (VARIANTS, Block, ConvNeXtV2, LayerNorm, remat_block,
-                                           trunc_normal_init)
+                                           timm_trunc_normal, trunc_normal_init)
+
+# The initialisers of the layers after the encoder (its own: `convnextv2.ENCODER_INITS`) by
+# `MPMAE.weight_init`: "conv" for the reference's nn.Conv2d (proj, the decoder's dwconv, the
+# pixel heads), "linear" for its nn.Linear (the decoder's pwconv1/pwconv2, the image heads).
+DECODER_INITS = {
+    "trunc_normal_0.02": {"conv": trunc_normal_init, "linear": trunc_normal_init,
+                          "mask_token": nn.initializers.zeros},
+    # FCMAE._init_weights: nn.Conv2d timm's default std 1, nn.Linear std .02, mask token N(0, .02).
+    "fcmae": {"conv": timm_trunc_normal(1.0), "linear": timm_trunc_normal(0.02),
+              "mask_token": nn.initializers.normal(0.02)},
+}
+WEIGHT_INITS = tuple(DECODER_INITS)
 
 
 def head_channels(name: str, bands: Sequence[str]) -> int:
@@ -51,21 +69,30 @@ class MPMAE(nn.Module):
   dwconv_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  weight_init: str = "fcmae"  # or "trunc_normal_0.02" (see the module docstring)
 
   def setup(self):
+    if self.weight_init not in DECODER_INITS:
+      raise ValueError(f"unknown weight_init {self.weight_init!r}; choose from {WEIGHT_INITS}")
+    inits = DECODER_INITS[self.weight_init]
     depths, dims = VARIANTS[self.variant]
     depths, dims = self.depths or depths, self.dims or dims
     self.encoder = ConvNeXtV2(depths, dims, self.stem, self.patch_size, self.drop_path_rate,
-                              dwconv_impl=self.dwconv_impl, dtype=self.dtype, remat=self.remat)
-    self.proj = nn.Dense(self.decoder_dim, kernel_init=trunc_normal_init, dtype=self.dtype)
-    self.mask_token = self.param("mask_token", nn.initializers.zeros, (self.decoder_dim,))
+                              dwconv_impl=self.dwconv_impl, dtype=self.dtype, remat=self.remat,
+                              weight_init=self.weight_init)
+    # proj is the reference's 1x1 nn.Conv2d.
+    self.proj = nn.Dense(self.decoder_dim, kernel_init=inits["conv"], dtype=self.dtype)
+    self.mask_token = self.param("mask_token", inits["mask_token"], (self.decoder_dim,))
     block = remat_block(Block) if self.remat else Block
-    self.decoder = block(self.decoder_dim, 0.0, self.dwconv_impl, self.dtype)
+    self.decoder = block(self.decoder_dim, 0.0, self.dwconv_impl, self.dtype, inits["conv"],
+                         inits["linear"])
     names = list(self.outputs)
     self.image_norm = LayerNorm(dtype=self.dtype)  # the reference's layer_norm_tmp
     p2 = self.patch_size ** 2
+    # Pixel heads are the reference's 1x1 nn.Conv2d, image heads its nn.Linear.
     self.heads = {n: nn.Dense((p2 if M.get(n).level == M.PIXEL else 1) *
-                              head_channels(n, self.outputs[n]), kernel_init=trunc_normal_init,
+                              head_channels(n, self.outputs[n]),
+                              kernel_init=inits["conv" if M.get(n).level == M.PIXEL else "linear"],
                               dtype=self.dtype, name=f"head_{n}") for n in names}
     # One learnable log-variance per output modality (uncertainty weighting), start at 0.
     self.log_vars = self.param("log_vars", nn.initializers.zeros, (len(names),))

@@ -8,7 +8,8 @@
 - norm_pix (Sentinel-2 only): per-patch mean and UNBIASED variance, eps 1e-6 under the root.
 - segmentation (esa_worldcover, dynamic_world): cross-entropy over masked pixels, label -1 ignored.
 - image regression (lat, lon, month, era5): MSE over the measured values.
-- classification (biome, eco_region): cross-entropy on the one-hot's argmax, -1 ignored.
+- classification (biome, eco_region): cross-entropy on the one-hot's argmax, -1 ignored; with
+  `data.upstream_compat` the pipeline emits the argmax of every vector, none ignored, as upstream.
 - aggregation: "uncertainty" = sum_i exp(-s_i) L_i + s_i over terms whose loss is not exactly 0,
   or "unweighted" = sum_i L_i.
 """

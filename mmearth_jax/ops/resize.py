@@ -18,6 +18,8 @@ same code serves numpy (data workers) and jnp (in the step).
                                    (torch antialias=True; `jax.image.resize(method="linear")`)
   bicubic                          Keys cubic with a = -0.75 (torch's), half-pixel centres,
                                    indices clamped at borders, no antialias
+  bicubic         align_corners    the same taps at source = i * (in-1)/(out-1) (torch
+                                   align_corners=True: Scale-MAE's kornia 0.6.9 crop resize)
   nearest                          torch's legacy "nearest": source = floor(i * in / out)
   nearest-exact                    pixel centres: source = floor((i + 0.5) * in / out)
 
@@ -54,7 +56,7 @@ def _matrix(method: str, size_in: int, size_out: int, align_corners: bool,
     radius = max(1.0, 1.0 / scale)
     w = np.maximum(0.0, 1.0 - np.abs(np.arange(size_in)[None, :] - centres[:, None]) / radius)
     return w / w.sum(1, keepdims=True)
-  if method == "bilinear" and align_corners:
+  if align_corners:  # bilinear or bicubic: the end pixels' centres map onto each other
     src = rows * ((size_in - 1) / (size_out - 1)) if size_out > 1 else np.zeros(1)
   else:
     src = (rows + 0.5) * (size_in / size_out) - 0.5
@@ -94,9 +96,12 @@ def _check(method: str, align_corners: bool, antialias: bool) -> None:
     raise ValueError(f"resize method {method!r}; choose from {METHODS}")
   if align_corners and antialias:
     raise ValueError("resize: align_corners and antialias cannot be combined")
-  if (align_corners or antialias) and method != "bilinear":
-    raise ValueError(f"resize: {'align_corners' if align_corners else 'antialias'} is only "
-                     f"implemented for method 'bilinear', not {method!r}")
+  if antialias and method != "bilinear":
+    raise ValueError(f"resize: antialias is only implemented for method 'bilinear', not "
+                     f"{method!r}")
+  if align_corners and method not in ("bilinear", "bicubic"):
+    raise ValueError(f"resize: align_corners is only implemented for methods 'bilinear' and "
+                     f"'bicubic', not {method!r}")
 
 
 def matrix(method: str, size_in: int, size_out: int, *, align_corners: bool = False,
@@ -139,7 +144,7 @@ def resize(images: Any, size: int | tuple[int, int], method: str, *, align_corne
   kw = {} if xp is np else {"precision": precision}
   if plane:
     return xp.matmul(xp.matmul(ah, x, **kw), aw.T, **kw).astype(dtype)
-  if antialias or align_corners:
+  if method == "bilinear" and (antialias or align_corners):
     # One einsum, not the two matmuls below: the contraction these modes always had, kept so
     # their results stay bit-identical (the two orders differ in the last bit).
     kw = {"optimize": True} if xp is np else kw
