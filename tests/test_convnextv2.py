@@ -98,6 +98,70 @@ def test_masked_pixels_cannot_change_visible_outputs(stem, size, patch, grid):
   assert np.abs(np.asarray(z1 - z2)[visible]).max() > 1e-3
 
 
+# ------------------------------------------------ the reference's sparse pretraining geometry
+
+
+@pytest.mark.parametrize("size,patch,maps", [(112, 16, [7, 7]), (56, 8, [6, 7])])
+def test_sparse_geometry_covers_the_whole_patch_grid(size, patch, maps):
+  """The dense geometry leaves a 6x6 map under the 7x7 grid at 56 px / 8 px; the reference's
+  sparse pretraining encoder (same-size 3x3 stem conv, unpadded patch stem) gives 7x7."""
+  grid = size // patch
+  for geometry, want in zip(cx.MASKED_GEOMETRIES, maps):
+    model = cx.ConvNeXtV2((1, 1, 1, 1), (8, 8, 8, 8), patch_size=patch,
+                          masked_geometry=geometry)
+    pm = jnp.zeros((1, grid, grid))
+    out = jax.eval_shape(lambda: model.apply({"params": _init(model, size, 4, grid)},
+                                             jnp.zeros((1, size, size, 4)), pm))
+    assert out.shape[1:3] == (want, want), geometry
+
+
+@pytest.mark.parametrize("stem,size,patch", [("mmearth", 112, 16), ("mmearth", 56, 8),
+                                             ("official", 64, 32)])
+def test_sparse_geometry_drops_all_zero_pixels_like_masked_ones(stem, size, patch):
+  """MinkowskiEngine's to_sparse keeps only non-zero pixels: a visible patch of all-zero pixels
+  is absent like a masked patch, so both inputs give the same output, bit for bit. In the dense
+  geometry the stem conv's bias makes it present (the test can fail)."""
+  grid = size // patch
+  kw = dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 24), stem=stem, patch_size=patch)
+  sparse = cx.ConvNeXtV2(**kw, masked_geometry="sparse")
+  params = noisy_params(sparse, jnp.zeros((1, size, size, 4)), jnp.zeros((1, grid, grid)),
+                        scale=0.2)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, size, size, 4)), jnp.float32)
+  pm = np.zeros((2, grid, grid), np.float32)
+  pm[0, 0, 0] = pm[1, grid - 1, 0] = 1
+  i, j = 1, grid - 1  # visible in both images
+  zeroed = x.at[:, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch].set(0.0)
+  also_masked = jnp.asarray(pm).at[:, i, j].set(1.0)
+  got = sparse.apply({"params": params}, zeroed, jnp.asarray(pm))
+  want = sparse.apply({"params": params}, x, also_masked)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert np.abs(np.asarray(got)).max() > 0
+  dense = cx.ConvNeXtV2(**kw, masked_geometry="dense")
+  got = dense.apply({"params": params}, zeroed, jnp.asarray(pm))
+  want = dense.apply({"params": params}, x, also_masked)
+  assert np.abs(np.asarray(got - want)).max() > 1e-3
+
+
+@pytest.mark.parametrize("size,patch", [(112, 16), (56, 8)])
+def test_sparse_geometry_keeps_masked_pixels_out(size, patch):
+  """A masked site is absent: masked pixels' values never reach a visible output."""
+  grid = size // patch
+  model = cx.ConvNeXtV2((1, 1, 2, 1), (8, 16, 16, 24), patch_size=patch, masked_geometry="sparse")
+  params = noisy_params(model, jnp.zeros((1, size, size, 4)), jnp.zeros((1, grid, grid)),
+                        scale=0.2)
+  rng = np.random.default_rng(4)
+  pm = jnp.asarray(rng.random((2, grid, grid)) < 0.5, jnp.float32)
+  x1 = jnp.asarray(rng.standard_normal((2, size, size, 4)), jnp.float32)
+  masked_px = 1 - cx.upsample_patch_mask(pm, patch)
+  x2 = x1 + masked_px * 5.0 * jnp.asarray(rng.standard_normal(x1.shape), jnp.float32)
+  y1, y2 = (np.asarray(model.apply({"params": params}, x, pm)) for x in (x1, x2))
+  visible = np.asarray(pm) == 0  # the 7x7 output is the patch grid itself
+  assert visible.any() and (~visible).any()
+  np.testing.assert_allclose(y1[visible], y2[visible], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(y1[~visible], 0.0)
+
+
 def test_grn_norm_only_counts_visible_positions():
   """Masking inside GRN matters: a model that skips it would leak through the global norm."""
   grn = cx.GRN()

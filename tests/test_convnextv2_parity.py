@@ -101,6 +101,27 @@ def test_visibility_geometry_matches_flax(stem, size, patch):
     np.testing.assert_array_equal(g.patch_index(patch, grid), c.patch_index(patch, grid).numpy())
 
 
+@pytest.mark.parametrize("size,patch", [(112, 16), (56, 8)])
+def test_sparse_geometry_is_torchs_same_padded_stem(size, patch):
+  """With nothing masked and no all-zero pixel, the sparse geometry is the reference's sparse
+  stem as plain convolutions: the 3x3 conv padded by 1 (a submanifold sparse conv keeps every
+  site) and the patch stem unpadded, here set on the torch twin's own layers."""
+  grid = size // patch
+  depths, dims = (1, 1, 2, 1), (8, 16, 24, 32)
+  model = cx.ConvNeXtV2(depths, dims, patch_size=patch, masked_geometry="sparse")
+  params = noisy_params(model, jnp.zeros((1, size, size, 12)), jnp.zeros((1, grid, grid)))
+  tmodel = tc.ConvNeXtV2MMEarth(12, depths, dims, patch).eval()
+  tmodel.load_state_dict(cv.flax_to_torch(params, "mmearth"), strict=True)
+  tmodel.initial_conv[0].padding = (1, 1)
+  tmodel.stem[0].padding = (0, 0)
+  x = np.random.default_rng(5).standard_normal((2, size, size, 12)).astype(np.float32)
+  want = model.apply({"params": params}, x, jnp.zeros((2, grid, grid)))
+  with torch.no_grad():
+    got = tmodel.forward_map(_nchw(x)).numpy().transpose(0, 2, 3, 1)
+  assert got.shape[1:3] == (grid, grid)
+  assert _rel(got, want) <= TOL
+
+
 # ---------------------------------------------------------------------------------------------
 # MP-MAE: the torch per-modality loop against the Flax shared-once decoder.
 

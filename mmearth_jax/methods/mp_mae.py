@@ -3,7 +3,9 @@ uncertainty-weighted losses. Recipes: configs/mp_mae.py.
 
 Spec: {"arch": "mp_mae", <the ConvNeXt V2 encoder keys>, "decoder_dim", "outputs": {modality:
 [bands]}}; the encoder's parameters are params["encoder"]. `model.weight_init` is a training
-choice only: a built model's weights are loaded, so the spec does not record it.
+choice only: a built model's weights are loaded, so the spec does not record it. So is
+`model.masked_geometry` (the masked forward's; the unmasked one is the same in both): a built
+model runs the dense geometry of the reference's fine-tuning code and plain-torch twin.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from mmearth_jax import optim
 from mmearth_jax import modalities as M
 from mmearth_jax.config_lib import ConfigError
 from mmearth_jax.methods import base, encoders
+from mmearth_jax.models.convnextv2 import MASKED_GEOMETRIES
 from mmearth_jax.models.mp_mae import WEIGHT_INITS, MPMAE
 from mmearth_jax.objectives.mp_mae import mp_mae_loss
 
@@ -41,10 +44,14 @@ def task(config: ml_collections.ConfigDict, info: base.DataInfo) -> base.Task:
   if c.weight_init not in WEIGHT_INITS:
     raise ConfigError(f"config model.weight_init = {c.weight_init!r}; choose from "
                       f"{list(WEIGHT_INITS)}")
+  if c.masked_geometry not in MASKED_GEOMETRIES:
+    raise ConfigError(f"config model.masked_geometry = {c.masked_geometry!r}; choose from "
+                      f"{list(MASKED_GEOMETRIES)}")
   model = MPMAE(outputs=dict(info.outputs), variant=c.variant, depths=tuple(c.depths) or None,
                 dims=tuple(c.dims) or None, stem=c.stem, patch_size=c.patch_size,
                 decoder_dim=c.decoder_dim, drop_path_rate=c.drop_path_rate,
-                dtype=base.dtype(config), remat=c.remat, weight_init=c.weight_init)
+                dtype=base.dtype(config), remat=c.remat, weight_init=c.weight_init,
+                masked_geometry=c.masked_geometry)
   names = list(info.outputs)
 
   def init(rng, batch):

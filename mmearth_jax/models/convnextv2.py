@@ -10,6 +10,14 @@ falls in a visible input patch. Centres are tracked exactly through every conv's
 and padding (`_Geometry`), so both geometries work: 112 px / 16 px patches (7x7 feature map,
 masks aligned with the downsampling grid as in FCMAE) and 56 px / 8 px patches, where MMEarth's
 unpadded 3x3 stem conv leaves a 6x6 map under a 7x7 patch grid.
+
+That is the geometry of the reference's dense ConvNeXt V2, which fine-tunes and evaluates the
+pretrained weights. Its sparse pretraining encoder (MinkowskiEngine) differs, and
+`masked_geometry="sparse"` reproduces it for the masked forward: the 3x3 stem conv keeps every
+input site (same-size output, 112 -> 112 px), the patch stem has no padding, an input pixel
+whose channels are all zero is absent like a masked one (`to_sparse` keeps non-zero sites
+only), and a strided conv's output site exists where any input site of its window does (a max
+pool of the visibility). The weights are the same in both geometries.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ Initializer = Callable[..., jax.Array]  # (key, shape, dtype) -> array, as nn.in
 # Weight init of the reference: trunc_normal(std=.02) for convs and linears, zero biases.
 # Flax's truncated_normal cuts at +-2 std and does not rescale: sample std about 0.018.
 trunc_normal_init = nn.initializers.truncated_normal(0.02)
+MASKED_GEOMETRIES = ("dense", "sparse")
 
 
 def timm_trunc_normal(std: float = 1.0) -> Initializer:
@@ -211,6 +220,18 @@ def stage_masks(patch_mask: jnp.ndarray, geometries: Sequence[_Geometry], patch_
   return out
 
 
+def _pad(x: jnp.ndarray, p: int) -> jnp.ndarray:
+  """Zero-pad the two spatial axes of (N, H, W, C) by p on each side."""
+  return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
+
+
+def _max_pool(x: jnp.ndarray, k: int) -> jnp.ndarray:
+  """k x k, stride k: the output sites of a strided sparse conv over the present sites `x`."""
+  if k == 1:
+    return x
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, k, k, 1), "VALID")
+
+
 def upsample_patch_mask(patch_mask: jnp.ndarray, patch_size: int) -> jnp.ndarray:
   """(N, gh, gw) patch mask -> (N, gh*p, gw*p, 1) pixel visibility (1 = visible)."""
   m = jnp.repeat(jnp.repeat(patch_mask, patch_size, axis=1), patch_size, axis=2)
@@ -232,6 +253,8 @@ class ConvNeXtV2(nn.Module):
   `features` returns LayerNorm(global average pool), the reference's `forward_features`;
   `num_classes > 0` adds the classification head (`head`) applied to it.
   `weight_init` names the kernel initialisers (`ENCODER_INITS`); the head keeps trunc_normal.
+  `masked_geometry` is the FCMAE masked forward's: "dense" (the fine-tuning model's) or "sparse"
+  (the reference's pretraining encoder; module docstring). The unmasked forward is dense.
   """
   depths: Sequence[int] = (2, 2, 6, 2)
   dims: Sequence[int] = (40, 80, 160, 320)
@@ -243,6 +266,7 @@ class ConvNeXtV2(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
   weight_init: str = "trunc_normal_0.02"
+  masked_geometry: str = "dense"  # of the masked forward: "dense" or "sparse" (module docstring)
 
   def setup(self):
     if self.weight_init not in ENCODER_INITS:
@@ -257,11 +281,14 @@ class ConvNeXtV2(nn.Module):
         raise ValueError(f"stem 'mmearth' needs patch_size divisible by 8, got {self.patch_size}")
       self.initial_conv = Conv(d0, 3, dtype=self.dtype, kernel_init=inits["conv"])
       self.initial_norm = LayerNorm(dtype=self.dtype)
-      k = self.patch_size // 8
-      self.stem_conv = Conv(d0, k, k, k // 2, groups=d0, dtype=self.dtype,
+      k = self.patch_size // 8  # padded by k // 2 in the dense geometry (`_stem`)
+      self.stem_conv = Conv(d0, k, k, groups=d0, dtype=self.dtype,
                             kernel_init=inits["depthwise"])
     else:
       raise ValueError(f"unknown stem {self.stem!r}; choose 'official' or 'mmearth'")
+    if self.masked_geometry not in MASKED_GEOMETRIES:
+      raise ValueError(f"unknown masked_geometry {self.masked_geometry!r}; choose from "
+                       f"{MASKED_GEOMETRIES}")
     self.stem_norm = LayerNorm(dtype=self.dtype)
     self.downsample_norms = [LayerNorm(dtype=self.dtype, name=f"downsample_{i}_norm")
                              for i in range(1, 4)]
@@ -280,13 +307,16 @@ class ConvNeXtV2(nn.Module):
     if self.num_classes:
       self.head = nn.Dense(self.num_classes, kernel_init=trunc_normal_init, dtype=self.dtype)
 
-  def _stem(self, x, pixel_visible=None, stem_visible=None):
+  def _stem(self, x, stem_visible=None, sparse=False):
+    """Dense geometry: unpadded 3x3 conv, patch stem padded by k // 2. Sparse: the 3x3 conv
+    padded to keep the size, patch stem unpadded. `stem_visible` zeroes the absent sites."""
     if self.stem == "official":
       return self.stem_norm(self.stem_conv(x))
-    x = gelu(self.initial_norm(self.initial_conv(x)))
+    x = gelu(self.initial_norm(self.initial_conv(_pad(x, 1) if sparse else x)))
     if stem_visible is not None:
       x = x * stem_visible
-    return self.stem_norm(self.stem_conv(x))
+    k = self.patch_size // 8
+    return self.stem_norm(self.stem_conv(x if sparse else _pad(x, k // 2)))
 
   def __call__(self, x: jnp.ndarray, patch_mask: jnp.ndarray | None = None, *,
                train: bool = False, return_stages: bool = False,
@@ -308,6 +338,8 @@ class ConvNeXtV2(nn.Module):
       x = self._stem(x)
       x = x * visible + mask_token.astype(self.dtype) * (1 - visible)
       return self._stages(x, [None] * 4, train, return_stages)
+    if patch_mask is not None and self.masked_geometry == "sparse":
+      return self._sparse_masked(x, patch_mask, train, return_stages)
     masks = [None] * 4
     stem_visible = None
     if patch_mask is not None:
@@ -319,6 +351,20 @@ class ConvNeXtV2(nn.Module):
         g0 = [_Geometry(0.5, 1.0, n).conv(3, 1, 0) for n in x.shape[1:3]]
         stem_visible = stage_masks(patch_mask, g0[:1], self.patch_size, g0[1:])[0].astype(self.dtype)
     x = self._stem(x, stem_visible=stem_visible)
+    return self._stages(x, masks, train, return_stages)
+
+  def _sparse_masked(self, x, patch_mask, train, return_stages):
+    """The masked forward in the reference's sparse pretraining geometry (module docstring)."""
+    x = x * upsample_patch_mask(patch_mask, self.patch_size)[:, :x.shape[1], :x.shape[2]].astype(self.dtype)
+    # to_sparse: a site is present where any channel is non-zero, so masked pixels (zeroed above)
+    # and all-zero visible pixels are both absent.
+    site = jnp.any(x != 0, axis=-1, keepdims=True).astype(self.dtype)
+    stem_k = 4 if self.stem == "official" else self.patch_size // 8
+    visible = site if self.stem == "mmearth" else None
+    x = self._stem(x, stem_visible=visible, sparse=True)
+    masks = [_max_pool(site, stem_k)]
+    for _ in range(3):
+      masks.append(_max_pool(masks[-1], 2))
     return self._stages(x, masks, train, return_stages)
 
   def _stages(self, x, masks, train, return_stages):

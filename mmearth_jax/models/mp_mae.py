@@ -70,6 +70,9 @@ class MPMAE(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   weight_init: str = "fcmae"  # or "trunc_normal_0.02" (see the module docstring)
+  # "sparse": the reference's MinkowskiEngine pretraining geometry; "dense": its fine-tuning one
+  # (`convnextv2` module docstring). At 56 px / 8 px only "sparse" covers the whole 7x7 grid.
+  masked_geometry: str = "dense"
 
   def setup(self):
     if self.weight_init not in DECODER_INITS:
@@ -79,7 +82,7 @@ class MPMAE(nn.Module):
     depths, dims = self.depths or depths, self.dims or dims
     self.encoder = ConvNeXtV2(depths, dims, self.stem, self.patch_size, self.drop_path_rate,
                               dwconv_impl=self.dwconv_impl, dtype=self.dtype, remat=self.remat,
-                              weight_init=self.weight_init)
+                              weight_init=self.weight_init, masked_geometry=self.masked_geometry)
     # proj is the reference's 1x1 nn.Conv2d.
     self.proj = nn.Dense(self.decoder_dim, kernel_init=inits["conv"], dtype=self.dtype)
     self.mask_token = self.param("mask_token", inits["mask_token"], (self.decoder_dim,))
@@ -105,8 +108,9 @@ class MPMAE(nn.Module):
     feats = self.encoder(images, patch_mask, train=train)
     x = self.proj(feats)
     g = patch_mask.shape[1]
-    # MMEarth64 (56 px / 8 px): the encoder's 6x6 map covers patches 0..5 of the 7x7 grid; the
-    # last row and column were never seen and are filled with the mask token like masked patches.
+    # MMEarth64 (56 px / 8 px) in the dense geometry: the encoder's 6x6 map covers patches 0..5
+    # of the 7x7 grid; the last row and column were never seen and get the mask token like masked
+    # patches. The sparse geometry's map is the whole grid.
     fh, fw = x.shape[1:3]
     x = jnp.pad(x, ((0, 0), (0, g - fh), (0, g - fw), (0, 0)))
     unseen = jnp.pad(jnp.zeros((1, fh, fw), x.dtype), ((0, 0), (0, g - fh), (0, g - fw)),
