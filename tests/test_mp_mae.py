@@ -114,9 +114,11 @@ def test_heads_follow_the_registry_for_each_ablation(preset):
 def test_losses_fall_when_training_on_the_built_in_sample(shards64):
   """A few hundred AdamW steps on 48 tiles: every modality's loss and the total fall.
 
-  A reduced ConvNeXt V2 (same code as atto, fewer and narrower blocks) keeps this under a minute.
-  It tests the objective and the heads, not the recipe's init: the earlier small init is pinned,
-  since FCMAE's std-1 kernels leave `month` falling to 0.898 of its start against the 0.9 bound.
+  A reduced ConvNeXt V2 (same code as atto, fewer and narrower blocks) keeps this near a minute.
+  It tests the objective and the heads, not the recipe's init: the earlier small init is pinned.
+  A head that does not learn stays at 1.00-1.01 of its start; the slowest one that learns here
+  falls to 0.89 (sentinel1; the exact figure moves by about 0.02 between CPU types), hence the
+  0.95 bound.
   """
   cfg = pipeline.default_config()
   cfg.path = shards64
@@ -125,12 +127,12 @@ def test_losses_fall_when_training_on_the_built_in_sample(shards64):
   batches = [next(it) for _ in range(6)]
   it.close()
   batches = [jax.tree.map(jnp.asarray, b) for b in batches]
-  model = MPMAE(M.output_preset("all"), depths=(1, 1, 2, 1), dims=(24, 48, 96, 192),
-                decoder_dim=128, patch_size=8, weight_init="trunc_normal_0.02")
+  model = MPMAE(M.output_preset("all"), depths=(1, 1, 2, 1), dims=(16, 32, 64, 64),
+                decoder_dim=64, patch_size=8, weight_init="trunc_normal_0.02")
   # Jitted: the same values as an eager init, without compiling each of its operations alone.
   params = jax.jit(model.init)(jax.random.key(0), batches[0]["image"],
                                jnp.zeros((8, 7, 7)))["params"]
-  tx = optax.adamw(2e-3, b1=0.9, b2=0.95, weight_decay=0.05)
+  tx = optax.adamw(4e-3, b1=0.9, b2=0.95, weight_decay=0.05)
   opt = tx.init(params)
 
   @jax.jit
@@ -157,7 +159,7 @@ def test_losses_fall_when_training_on_the_built_in_sample(shards64):
   assert total1 < total0 - 1.0, (total0, total1)
   print({k: (round(per0[k], 3), round(per1[k], 3)) for k in per0})
   for k in per0:
-    assert per1[k] < 0.9 * per0[k], (k, per0[k], per1[k])
+    assert per1[k] < 0.95 * per0[k], (k, per0[k], per1[k])
 
 
 # ------------------------------------------------------------------------------ initialisation
